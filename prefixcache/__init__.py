@@ -1,0 +1,51 @@
+"""prefixcache: pin, prewarm and restore KV prefixes for llama.cpp agents.
+
+Declare the stable prefix of an agent's prompts once, store its KV state on disk, and at run time
+restore the longest stored prefix of every prompt so that only the new suffix is evaluated.
+"""
+
+from .cache import Calibration, PinInfo, PrefixCache, Prepared, Stats
+from .errors import (
+    ConfigError,
+    CorruptSegmentError,
+    IncompatibleStateError,
+    PrefixCacheError,
+    PromptTooLongError,
+    QuotaExceededError,
+    RecipeError,
+    StoreError,
+    TemplateError,
+    UnsupportedModelError,
+)
+from .fingerprint import Fingerprint
+from .radix import Match, RadixIndex
+from .segment import Pin, Segment
+from .store import DiskStore, Store, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Calibration",
+    "ConfigError",
+    "CorruptSegmentError",
+    "DiskStore",
+    "Fingerprint",
+    "IncompatibleStateError",
+    "Match",
+    "Pin",
+    "PinInfo",
+    "PrefixCache",
+    "PrefixCacheError",
+    "Prepared",
+    "PromptTooLongError",
+    "QuotaExceededError",
+    "RadixIndex",
+    "RecipeError",
+    "Segment",
+    "Stats",
+    "Store",
+    "StoreError",
+    "TemplateError",
+    "UnsupportedModelError",
+    "open_store",
+]

@@ -1,0 +1,689 @@
+"""The runtime: restore the longest stored prefix of each prompt, evaluate only the suffix.
+
+:class:`PrefixCache` ties the layers together: the chat template turns messages into tokens, the
+radix index finds the longest stored prefix, the store hands back KV bytes, and :mod:`kvstate`
+loads them into the model. After each call the new part of the conversation is stored as child
+segments (autosave), so the next turn of an agent loop restores everything but its newest message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from . import config
+from .errors import CorruptSegmentError, PrefixCacheError, PromptTooLongError, TemplateError
+from .kvstate import LlamaKV, Progress
+from .lifecycle import Eviction, check_pin_quota, enforce_quota
+from .radix import Match, RadixIndex, as_tokens, common_prefix_length
+from .segment import Pin, Segment, checksum, root_key, segment_key
+from .store import Store, open_store
+from .template import ChatTemplate, Message
+
+log = logging.getLogger(__name__)
+
+Tools = Sequence[Mapping[str, Any]] | None
+
+#: Segments are cut at multiples of this many tokens (and at message boundaries when pinning),
+#: so that a change in the middle of a long prefix re-evaluates only from the changed chunk on.
+DEFAULT_SEGMENT_TOKENS = 1024
+#: A shared head shorter than this is duplicated into a new segment rather than split out.
+SPLIT_MIN_TOKENS = 64
+_CALIBRATION_DOC = "calibration:"
+
+
+@dataclass
+class Stats:
+    """Counters since the cache was opened (see :meth:`PrefixCache.stats`)."""
+
+    calls: int = 0
+    hits: int = 0
+    misses: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    restored_tokens: int = 0
+    prefill_tokens: int = 0
+    restore_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    bytes_restored: int = 0
+    segments_restored: int = 0
+    segments_saved: int = 0
+    bytes_saved: int = 0
+    corrupt_segments: int = 0
+
+
+@dataclass
+class Calibration:
+    """Measured speeds on this machine and model: the cost model for autosave."""
+
+    prefill_tokens_per_s: float = 0.0
+    restore_bytes_per_s: float = 0.0
+    restore_overhead_s: float = 0.002
+    bytes_per_token: float = 0.0
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens >= 8 and seconds > 0:
+            self.prefill_tokens_per_s = _ema(self.prefill_tokens_per_s, tokens / seconds)
+
+    def observe_restore(self, nbytes: int, tokens: int, seconds: float) -> None:
+        if nbytes >= 1 << 20 and seconds > 0:
+            self.restore_bytes_per_s = _ema(self.restore_bytes_per_s, nbytes / seconds)
+        if tokens:
+            self.bytes_per_token = nbytes / tokens
+
+    def min_span_tokens(self) -> int:
+        """Smallest span whose restore is cheaper than prefilling it again."""
+        if not (self.prefill_tokens_per_s and self.restore_bytes_per_s and self.bytes_per_token):
+            return 4
+        per_token_gain = 1 / self.prefill_tokens_per_s - self.bytes_per_token / self.restore_bytes_per_s
+        if per_token_gain <= 0:
+            return 1 << 30  # restoring is never cheaper: do not autosave
+        return max(1, int(self.restore_overhead_s / per_token_gain) + 1)
+
+
+def _ema(old: float, new: float, weight: float = 0.3) -> float:
+    return new if old <= 0 else (1 - weight) * old + weight * new
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`PrefixCache.prepare` did for one prompt."""
+
+    tokens: list[int]
+    cached_tokens: int  # prompt tokens whose KV is in the context now (live or restored)
+    restored_tokens: int  # of those, tokens loaded from the store by this call
+    restore_seconds: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Tokens the model will not prefill (it always re-evaluates the last prompt token)."""
+        return min(self.cached_tokens, len(self.tokens) - 1)
+
+
+@dataclass(frozen=True)
+class PinInfo:
+    name: str
+    key: str
+    n_tokens: int
+    evaluated_tokens: int  # tokens prefilled to pin it (0 when it was all stored already)
+    new_segments: int
+    new_bytes: int
+
+
+@dataclass
+class _Known:
+    """Index of one namespace, with the segment metadata behind it."""
+
+    index: RadixIndex = field(default_factory=RadixIndex)
+    segments: dict[str, Segment] = field(default_factory=dict)
+
+
+def _model_lock(llm: llama_cpp.Llama) -> threading.RLock:
+    lock = getattr(llm, "_prefixcache_lock", None)
+    if lock is None:
+        lock = threading.RLock()
+        llm._prefixcache_lock = lock  # type: ignore[attr-defined]
+    return lock
+
+
+class PrefixCache:
+    """A token-level prefix cache for one ``llama_cpp.Llama``.
+
+    Args:
+        llm: the model; its context is given a scratch sequence if it lacks one.
+        store: a path, a URL or a Store (None: ``$PREFIXCACHE_DIR`` or the user cache dir).
+        namespace: keeps tenants apart: segments of one namespace are never seen by another.
+        autosave: store the new part of every conversation after each call.
+        quota_gb: store size limit; unpinned segments are evicted LRU beyond it.
+        segment_tokens: chunk size of stored segments.
+    """
+
+    def __init__(
+        self,
+        llm: llama_cpp.Llama,
+        store: str | os.PathLike[str] | Store | None = None,
+        *,
+        namespace: str = "",
+        autosave: bool = True,
+        quota_gb: float | None = None,
+        segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
+    ):
+        self.llm = llm
+        self._lock = _model_lock(llm)
+        with self._lock:
+            self.kv = LlamaKV(llm)
+        self.template = ChatTemplate(llm)
+        self.store = open_store(store)
+        self.namespace = namespace
+        self.autosave = autosave
+        self.quota_bytes = None if quota_gb is None else int(quota_gb * 1e9)
+        self.segment_tokens = segment_tokens
+        memo = self.store.get_doc("model-digests") or {}
+        self.fingerprint = self.kv.fingerprint(memo)
+        self.store.set_doc("model-digests", memo)
+        self.store.set_doc("fingerprint:" + self.fingerprint.digest, self.fingerprint.to_dict())
+        self._known: dict[str, _Known] = {}
+        self._generation = -1
+        self._stats = Stats()
+        cal = self.store.get_doc(_CALIBRATION_DOC + self.fingerprint.digest) or {}
+        self.calibration = Calibration(**{k: float(v) for k, v in cal.items() if k in asdict(Calibration())})
+
+    @classmethod
+    def open(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        store: str | os.PathLike[str] | Store | None = None,
+        *,
+        n_ctx: int = config.DEFAULT_N_CTX,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        verbose: bool = False,
+        namespace: str = "",
+        autosave: bool = True,
+        quota_gb: float | None = None,
+        **llama_kwargs: Any,
+    ) -> PrefixCache:
+        """Load a model (default: the bundled SmolLM2) and open a cache on it."""
+        path = config.resolve_model(model)
+        llama_kwargs.setdefault("chat_format", "chat_template.default")
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                verbose=verbose,
+                **llama_kwargs,
+            )
+        except ValueError as exc:
+            raise PrefixCacheError(f"cannot load model {path}: {exc}") from exc
+        return cls(llm, store, namespace=namespace, autosave=autosave, quota_gb=quota_gb)
+
+    # index ----------------------------------------------------------------------------------
+
+    def root(self, namespace: str | None = None) -> str:
+        ns = self.namespace if namespace is None else namespace
+        return root_key(self.fingerprint.digest, ns)
+
+    def _sync(self, namespace: str) -> _Known:
+        """Bring the in-memory index up to date with the store (other processes write too)."""
+        gen = self.store.generation()
+        known = self._known.get(namespace)
+        if known is not None and gen == self._generation:
+            return known
+        root = self.root(namespace)
+        if known is None:
+            known = self._known[namespace] = _Known()
+        stored = self.store.keys()
+        for key in [k for k in known.segments if k not in stored]:
+            self._forget(known, key)
+        new = []
+        for key in stored - known.segments.keys():
+            try:
+                seg = self.store.get(key)
+            except CorruptSegmentError as exc:
+                log.warning("ignoring segment %s: %s", key[:16], exc.reason)
+                continue
+            if seg is not None and seg.root == root:
+                new.append(seg)
+        for seg in sorted(new, key=lambda s: s.start):
+            parent = None if seg.parent == root else seg.parent
+            if parent is not None and parent not in known.index:
+                continue  # its parent is gone: unreachable, gc removes it
+            known.index.insert(seg.key, parent, seg.tokens)
+            known.segments[seg.key] = seg
+        # Other namespaces are refreshed on their next use.
+        for ns in list(self._known):
+            if ns != namespace:
+                del self._known[ns]
+        self._generation = gen
+        return known
+
+    def _forget(self, known: _Known, key: str) -> None:
+        if key not in known.index:
+            known.segments.pop(key, None)
+            return
+        for k in [*known.index.descendants(key), key]:
+            known.index.remove(k)
+            known.segments.pop(k, None)
+
+    def lookup(self, tokens: Sequence[int], namespace: str | None = None) -> Match:
+        """The longest stored prefix of ``tokens`` (no model work)."""
+        ns = self.namespace if namespace is None else namespace
+        with self._lock:
+            return self._sync(ns).index.match(tokens)
+
+    # restore --------------------------------------------------------------------------------
+
+    def _restore(self, tokens: list[int], namespace: str) -> tuple[int, int, float]:
+        """Make the context hold the longest available prefix of ``tokens``.
+
+        Returns ``(cached, restored, seconds)``: tokens whose KV is now live, how many of them
+        came from the store, and the time spent restoring.
+        """
+        live = common_prefix_length(self.kv.live_tokens(), tokens)
+        known = self._sync(namespace)
+        match = known.index.match(tokens)
+        if match.length <= live:
+            self.kv.truncate(live)
+            return live, 0, 0.0
+        t0 = time.perf_counter()
+        chain = [known.segments[k] for k in match.chain]
+        todo = [s for s in chain if s.end > live]
+        self.kv.truncate(todo[0].start)
+        restored_bytes = 0
+        now = time.time()
+        for seg in todo:
+            try:
+                self._load(seg)
+            except CorruptSegmentError as exc:
+                self._on_bad_segment(known, seg, exc)
+                break
+            restored_bytes += seg.nbytes
+            self.store.touch(seg.key, now)
+            self._stats.segments_restored += 1
+        cached = min(match.length, self.llm.n_tokens)
+        self.kv.truncate(cached)
+        seconds = time.perf_counter() - t0
+        restored = max(0, cached - todo[0].start)
+        self._stats.bytes_restored += restored_bytes
+        self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
+        return cached, restored, seconds
+
+    def _load(self, seg: Segment) -> None:
+        buf = self.kv.buffer(seg.nbytes)
+        self.store.read_kv(seg, buf)
+        if checksum(buf) != seg.checksum:
+            raise CorruptSegmentError(seg.key, "checksum mismatch")
+        try:
+            self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
+        except CorruptSegmentError as exc:
+            raise CorruptSegmentError(seg.key, exc.reason) from None
+
+    def _on_bad_segment(self, known: _Known, seg: Segment, exc: CorruptSegmentError) -> None:
+        """Quarantine a segment that failed to load, and everything chained to it."""
+        if self.store.get(seg.key) is None:
+            log.info("segment %s was evicted while restoring; prefilling instead", seg.key[:16])
+            self._forget(known, seg.key)
+            return
+        doomed = [*known.index.descendants(seg.key), seg.key] if seg.key in known.index else [seg.key]
+        log.warning(
+            "segment %s is corrupt (%s): quarantined with %d descendant(s); prefilling instead",
+            seg.key[:16], exc.reason, len(doomed) - 1,
+        )
+        notes = self.store.get_doc("quarantine") or {}
+        notes[seg.key] = {"reason": exc.reason, "time": time.time(), "descendants": len(doomed) - 1}
+        self.store.set_doc("quarantine", notes)
+        for key in doomed:
+            self.store.delete(key)
+        self._forget(known, seg.key)
+        self._stats.corrupt_segments += 1
+
+    def _prepare(self, tokens: list[int], namespace: str, extra: int = 1) -> Prepared:
+        self.kv.validate(tokens, extra)
+        cached, restored, seconds = self._restore(tokens, namespace)
+        return Prepared(tokens, cached, restored, seconds)
+
+    def prepare(
+        self, messages: Sequence[Message], *, tools: Tools = None, namespace: str | None = None
+    ) -> Prepared:
+        """Restore the longest stored prefix of this conversation into the Llama.
+
+        A plain ``llm.create_chat_completion(messages)`` afterwards evaluates only the suffix
+        (the Llama must use the model's own template: ``chat_format="chat_template.default"``).
+        """
+        ns = self.namespace if namespace is None else namespace
+        with self._lock:
+            tokens = self.template.tokens(messages, tools)
+            prepared = self._prepare(tokens, ns)
+            self._count(prepared)
+            return prepared
+
+    def _count(self, prepared: Prepared) -> None:
+        s = self._stats
+        s.calls += 1
+        s.prompt_tokens += prepared.prompt_tokens
+        s.cached_tokens += prepared.reused_tokens
+        s.restored_tokens += prepared.restored_tokens
+        s.restore_seconds += prepared.restore_seconds
+        if prepared.restored_tokens > 0:
+            s.hits += 1
+        elif prepared.cached_tokens == 0:
+            s.misses += 1
+
+    # storing --------------------------------------------------------------------------------
+
+    def _store_span(
+        self,
+        tokens: list[int],
+        end: int,
+        namespace: str,
+        *,
+        label: str,
+        boundaries: Sequence[int] = (),
+        min_span: int = 1,
+        before_write: Callable[[list[str], int], None] | None = None,
+    ) -> tuple[str | None, list[str], int]:
+        """Store ``tokens[:end]`` (whose KV must be live) as segments chained onto what is stored.
+
+        Returns ``(last key, new keys, new bytes)``; the last key is None when nothing is stored.
+        """
+        if common_prefix_length(self.kv.live_tokens(), tokens[:end]) < end:
+            raise RuntimeError("the span to store is not live in the context")
+        known = self._sync(namespace)
+        root = self.root(namespace)
+        parent, at = known.index.deepest_boundary(tokens[:end])
+        if at == end:
+            return parent, [], 0
+        matched = known.index.match(tokens[:end]).length
+        cuts = {b for b in boundaries if at < b < end}
+        if matched - at >= SPLIT_MIN_TOKENS:
+            # The span runs inside an existing segment for a while: store that shared head on
+            # its own so that both branches chain from it instead of duplicating it again.
+            cuts.add(matched)
+        elif end - at < min_span:
+            return parent, [], 0
+        step = self.segment_tokens
+        cuts.update(range((at // step + 1) * step, end, step))
+        edges = [at, *sorted(cuts), end]
+        captured = []
+        for a, b in zip(edges, edges[1:]):
+            captured.append((a, b, self.kv.capture(a, b)))
+        now = time.time()
+        segs: list[tuple[Segment, bytearray]] = []
+        p = parent or root
+        for a, b, data in captured:
+            span = tuple(tokens[a:b])
+            key = segment_key(p, span)
+            seg = Segment(
+                key=key, parent=p, root=root, start=a, tokens=span, nbytes=len(data),
+                checksum=checksum(data), fingerprint=self.fingerprint.digest,
+                namespace=namespace, created=now, label=label,
+            )
+            segs.append((seg, data))
+            p = key
+        new_keys = [s.key for s, _ in segs]
+        new_bytes = sum(s.nbytes for s, _ in segs)
+        if before_write is not None:
+            before_write(new_keys, new_bytes)
+        gen_before = self.store.generation()
+        written = 0
+        for seg, data in segs:
+            if self.store.put(seg, data):
+                written += 1
+                self._stats.segments_saved += 1
+                self._stats.bytes_saved += seg.nbytes
+            known.index.insert(seg.key, None if seg.parent == root else seg.parent, seg.tokens)
+            known.segments[seg.key] = seg
+        if self.store.generation() == gen_before + written and self._generation == gen_before:
+            self._generation = gen_before + written
+        return p, new_keys, new_bytes
+
+    def _evict(self, protect: Sequence[str] = ()) -> Eviction:
+        return enforce_quota(self.store, self.quota_bytes, time.time(), protect)
+
+    # pins -----------------------------------------------------------------------------------
+
+    def message_boundaries(self, messages: Sequence[Message], tools: Tools = None) -> list[int]:
+        """Token positions where each leading run of messages ends (stable boundaries only)."""
+        out = []
+        for i in range(1, len(messages)):
+            try:
+                out.append(len(self.template.prefix_tokens(messages[:i], tools)))
+            except TemplateError:
+                continue
+        return out
+
+    def pin(
+        self,
+        messages: Sequence[Message],
+        name: str,
+        *,
+        tools: Tools = None,
+        ttl: float | None = None,
+        namespace: str | None = None,
+        progress: Progress | None = None,
+        source: str = "",
+        digest: str = "",
+        prefix_tokens: list[int] | None = None,
+    ) -> PinInfo:
+        """Prefill ``messages`` once, store their KV and pin it under ``name``.
+
+        Pinned segments are never evicted (until ``ttl`` seconds have passed, if given). Pinning
+        what is already stored evaluates nothing. Raises QuotaExceededError when the pinned
+        total would exceed the quota, and PromptTooLongError when the prefix does not fit.
+        """
+        ns = self.namespace if namespace is None else namespace
+        tokens = prefix_tokens if prefix_tokens is not None else self.template.prefix_tokens(messages, tools)
+        boundaries = self.message_boundaries(messages, tools)
+        root = self.root(ns)
+        with self._lock, self.store.lock(f"pin:{root}:{name}"):
+            prepared = self._prepare(tokens, ns)
+            self._count(prepared)
+            todo = tokens[prepared.cached_tokens :]
+            t0 = time.perf_counter()
+            self.kv.evaluate(todo, progress)
+            self._note_prefill(len(todo), time.perf_counter() - t0)
+            now = time.time()
+
+            def quota_check(keys: list[str], nbytes: int) -> None:
+                check_pin_quota(self.store, self.quota_bytes, keys, nbytes, now)
+
+            last, new_keys, new_bytes = self._store_span(
+                tokens, len(tokens), ns, label=name, boundaries=boundaries, before_write=quota_check
+            )
+            if last is None:
+                raise PrefixCacheError("nothing to pin: the prefix is empty")
+            if not new_keys:
+                quota_check([last], 0)
+            self.store.set_pin(
+                Pin(
+                    name=name, key=last, root=root, n_tokens=len(tokens), created=now,
+                    expires=None if ttl is None else now + ttl, source=source, digest=digest,
+                )
+            )
+            self._evict(protect=[last])
+            self._save_calibration()
+            return PinInfo(name, last, len(tokens), len(todo), len(new_keys), new_bytes)
+
+    def unpin(self, name: str, *, namespace: str | None = None) -> bool:
+        """Drop a pin; its segments become ordinary LRU entries. False if there was none."""
+        return self.store.delete_pin(self.root(namespace), name)
+
+    def pins(self, namespace: str | None = None) -> list[Pin]:
+        root = self.root(namespace)
+        return [p for p in self.store.pins() if p.root == root]
+
+    # generation -----------------------------------------------------------------------------
+
+    def _note_prefill(self, tokens: int, seconds: float) -> None:
+        self._stats.prefill_tokens += tokens
+        self._stats.prefill_seconds += seconds
+        self.calibration.observe_prefill(tokens, seconds)
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Tools = None,
+        stream: bool = False,
+        namespace: str | None = None,
+        autosave: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An OpenAI-shaped chat completion that starts from the longest stored prefix.
+
+        Takes ``create_chat_completion``'s keyword arguments. ``usage`` gains
+        ``prompt_tokens_details.cached_tokens``. With ``stream=True`` an iterator of chunks is
+        returned; pass ``stream_options={"include_usage": True}`` for a final usage chunk.
+        """
+        ns = self.namespace if namespace is None else namespace
+        save = self.autosave if autosave is None else autosave
+        if stream:
+            return self._chat_stream(messages, tools, ns, save, kwargs)
+        with self._lock:
+            prepared, msgs, tool_arg = self._chat_prepare(messages, tools, ns, kwargs)
+            t0 = time.perf_counter()
+            result = self.template.handler(llama=self.llm, messages=msgs, tools=tool_arg, **kwargs)
+            elapsed = time.perf_counter() - t0
+            usage = result.setdefault("usage", {})
+            usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
+            self._after_chat(prepared, elapsed, usage.get("completion_tokens", 0))
+            if save:
+                self._autosave(messages, tools, ns, prepared, result["choices"][0]["message"])
+            return result
+
+    def _chat_prepare(
+        self, messages: Sequence[Message], tools: Tools, ns: str, kwargs: dict[str, Any]
+    ) -> tuple[Prepared, list[dict[str, Any]], Any]:
+        msgs, tool_arg = self.template.messages_for(messages, tools)
+        tokens = self.template.tokens(messages, tools)
+        max_tokens = kwargs.get("max_tokens")
+        extra = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1
+        if len(tokens) + extra > self.kv.n_ctx:
+            raise PromptTooLongError(len(tokens) + extra, self.kv.n_ctx, "prompt plus max_tokens")
+        prepared = self._prepare(tokens, ns, extra)
+        self._count(prepared)
+        return prepared, msgs, tool_arg
+
+    def _after_chat(self, prepared: Prepared, elapsed: float, completion_tokens: int) -> None:
+        # The call's time is mostly prefill of the suffix plus decoding; attribute by tokens.
+        prefilled = prepared.prompt_tokens - prepared.reused_tokens
+        if completion_tokens == 0 and prefilled:
+            self._note_prefill(prefilled, elapsed)
+        else:
+            self._stats.prefill_tokens += prefilled
+
+    def _chat_stream(
+        self, messages: Sequence[Message], tools: Tools, ns: str, save: bool, kwargs: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        include_usage = bool((kwargs.pop("stream_options", None) or {}).get("include_usage"))
+        with self._lock:
+            prepared, msgs, tool_arg = self._chat_prepare(messages, tools, ns, kwargs)
+            t0 = time.perf_counter()
+            chunks = self.template.handler(
+                llama=self.llm, messages=msgs, tools=tool_arg, stream=True, **kwargs
+            )
+            text: list[str] = []
+            n_chunks = 0
+            last: dict[str, Any] = {}
+            for chunk in chunks:
+                delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+                if delta.get("content"):
+                    text.append(delta["content"])
+                    n_chunks += 1
+                last = chunk
+                yield chunk
+            self._after_chat(prepared, time.perf_counter() - t0, n_chunks)
+            if save:
+                reply = {"role": "assistant", "content": "".join(text)}
+                self._autosave(messages, tools, ns, prepared, reply)
+            if include_usage:
+                yield {
+                    "id": last.get("id", ""),
+                    "object": "chat.completion.chunk",
+                    "created": last.get("created", int(time.time())),
+                    "model": last.get("model", ""),
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prepared.prompt_tokens,
+                        "completion_tokens": n_chunks,
+                        "total_tokens": prepared.prompt_tokens + n_chunks,
+                        "prompt_tokens_details": {"cached_tokens": prepared.reused_tokens},
+                    },
+                }
+
+    def _autosave(
+        self,
+        messages: Sequence[Message],
+        tools: Tools,
+        ns: str,
+        prepared: Prepared,
+        reply: Mapping[str, Any],
+    ) -> None:
+        """Store what the next turn will share: the prompt and, where it renders the same, the reply."""
+        live = self.kv.live_tokens()
+        reply_msg = {"role": "assistant", "content": reply.get("content") or ""}
+        try:
+            future = self.template.prefix_tokens([*messages, reply_msg], tools)
+        except TemplateError:
+            future = prepared.tokens
+        end = common_prefix_length(live, future)
+        if end < common_prefix_length(live, prepared.tokens):
+            future, end = prepared.tokens, common_prefix_length(live, prepared.tokens)
+        if end <= 0:
+            return
+        try:
+            last, _, _ = self._store_span(
+                list(future), end, ns, label="autosave",
+                min_span=self.calibration.min_span_tokens(),
+            )
+        except PrefixCacheError as exc:
+            log.warning("autosave skipped: %s", exc)
+            return
+        self._evict(protect=[last] if last else [])
+
+    # reporting ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since open, plus the prefill time the restored tokens saved."""
+        s = asdict(self._stats)
+        rate = self.calibration.prefill_tokens_per_s
+        saved = self._stats.restored_tokens / rate - self._stats.restore_seconds if rate else 0.0
+        s["time_saved_s"] = max(0.0, saved)
+        s["prefill_tokens_per_s"] = rate
+        s["restore_bytes_per_s"] = self.calibration.restore_bytes_per_s
+        return s
+
+    def _save_calibration(self) -> None:
+        self.store.set_doc(_CALIBRATION_DOC + self.fingerprint.digest, asdict(self.calibration))
+
+    def calibrate(self, n_tokens: int = 256) -> Calibration:
+        """Measure prefill rate and restore throughput now (used by the cost model and status)."""
+        with self._lock:
+            filler = self.template.tokenize("calibration " * n_tokens)[:n_tokens]
+            self.kv.truncate(0)
+            t0 = time.perf_counter()
+            self.kv.evaluate(filler)
+            self.calibration.prefill_tokens_per_s = len(filler) / (time.perf_counter() - t0)
+            data = self.kv.capture(0, len(filler))
+            buf = self.kv.buffer(len(data))
+            buf[:] = data
+            times = []
+            for _ in range(5):
+                self.kv.truncate(0)
+                t0 = time.perf_counter()
+                ok = checksum(buf)
+                self.kv.restore(buf, len(data), 0, filler)
+                times.append(time.perf_counter() - t0)
+                del ok
+            best = sorted(times)[len(times) // 2]
+            self.calibration.restore_bytes_per_s = len(data) / best
+            self.calibration.bytes_per_token = len(data) / len(filler)
+            self.kv.truncate(0)
+            self._save_calibration()
+            return self.calibration
+
+    def close(self) -> None:
+        self._save_calibration()
+        self.store.close()
+
+    def __enter__(self) -> PrefixCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Calibration", "PinInfo", "PrefixCache", "Prepared", "Stats", "as_tokens"]

@@ -1,0 +1,104 @@
+"""The exceptions prefixcache raises.
+
+Every error derives from :class:`PrefixCacheError`, so a caller (or the CLI) can catch one type
+and print one line. Each subclass carries the fields a user needs to fix the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PrefixCacheError(Exception):
+    """Root of every error raised by prefixcache."""
+
+
+class ConfigError(PrefixCacheError):
+    """A setting is missing or wrong: no model found, a bad store URL, a bad option."""
+
+
+class RecipeError(PrefixCacheError):
+    """A recipe cannot be loaded or used; names the file and, where known, the line."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None):
+        self.path = str(path) if path is not None else None
+        self.line = line
+        self.reason = message
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}:{line}: " if line is not None else f"{self.path}: "
+        super().__init__(f"{where}{message}")
+
+
+class TemplateError(PrefixCacheError):
+    """The chat template cannot render the messages, or cannot give a stable prefix boundary."""
+
+
+class PromptTooLongError(PrefixCacheError):
+    """A prompt (plus the tokens asked for) does not fit the context window."""
+
+    def __init__(self, n_tokens: int, n_ctx: int, what: str = "prompt"):
+        self.n_tokens = n_tokens
+        self.n_ctx = n_ctx
+        super().__init__(
+            f"{what} needs {n_tokens} tokens but the context holds {n_ctx}; "
+            f"raise n_ctx or shorten the {what}"
+        )
+
+
+class IncompatibleStateError(PrefixCacheError):
+    """Stored KV state was made under different settings and cannot be restored here."""
+
+    def __init__(self, field: str, stored: object, current: object, what: str = "segment"):
+        self.field = field
+        self.stored = stored
+        self.current = current
+        super().__init__(
+            f"{what} was stored with {field}={stored!r} but this model/context has "
+            f"{field}={current!r}; re-prewarm it or open the cache with matching settings"
+        )
+
+
+class CorruptSegmentError(PrefixCacheError):
+    """A stored segment failed its checksum or could not be read back whole."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"segment {key[:16]} is corrupt: {reason}")
+
+
+class StoreError(PrefixCacheError):
+    """The store cannot be opened, read or written."""
+
+
+class QuotaExceededError(StoreError):
+    """Pinned segments alone would exceed the store's quota."""
+
+    def __init__(self, pinned_bytes: int, quota_bytes: int, needed_bytes: int = 0):
+        self.pinned_bytes = pinned_bytes
+        self.quota_bytes = quota_bytes
+        self.needed_bytes = needed_bytes
+        super().__init__(
+            f"pinning {needed_bytes / 1e9:.3f} GB more would exceed the quota: "
+            f"{pinned_bytes / 1e9:.3f} GB already pinned of {quota_bytes / 1e9:.3f} GB; "
+            "unpin something or raise the quota"
+        )
+
+
+class UnsupportedModelError(PrefixCacheError):
+    """The model or context cannot have its KV state restored by token range."""
+
+
+__all__ = [
+    "ConfigError",
+    "CorruptSegmentError",
+    "IncompatibleStateError",
+    "PrefixCacheError",
+    "PromptTooLongError",
+    "QuotaExceededError",
+    "RecipeError",
+    "StoreError",
+    "TemplateError",
+    "UnsupportedModelError",
+]

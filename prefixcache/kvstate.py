@@ -1,0 +1,235 @@
+"""The llama.cpp boundary: capture and restore KV state by token range.
+
+This is the only module that calls llama.cpp's state API. It works on a context with two
+sequences in one unified KV buffer: sequence 0 is the conversation, sequence 1 is scratch. A span
+``[a, b)`` is captured by copying it to sequence 1 and serialising that sequence; it is restored by
+loading the bytes into sequence 1 and copying them onto sequence 0. Restoring spans in order gives
+the same KV as evaluating them. Everything is validated before it reaches llama.cpp, whose
+failures abort the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import llama_cpp
+from llama_cpp import _internals
+
+from .errors import CorruptSegmentError, PromptTooLongError, UnsupportedModelError
+from .fingerprint import Fingerprint, file_digest
+
+log = logging.getLogger(__name__)
+
+CONVERSATION = 0
+SCRATCH = 1
+
+Progress = Callable[[int, int], None]
+
+
+class KVContext(Protocol):
+    """What the runtime needs from a model context (implemented by :class:`LlamaKV`)."""
+
+    n_ctx: int
+    n_vocab: int
+
+    def live_tokens(self) -> array: ...
+    def validate(self, tokens: Sequence[int], extra: int = 0) -> None: ...
+    def truncate(self, n: int) -> None: ...
+    def evaluate(self, tokens: Sequence[int], progress: Progress | None = None) -> None: ...
+    def capture(self, start: int, end: int) -> bytearray: ...
+    def restore(self, data: Any, nbytes: int, start: int, tokens: Sequence[int]) -> None: ...
+
+
+class LlamaKV:
+    """Range-wise KV capture and restore on a ``llama_cpp.Llama``.
+
+    Adopting a Llama whose context has a single sequence replaces its context with an equivalent
+    one that has the scratch sequence (same parameters, ``n_seq_max=2``, ``kv_unified=True``).
+    """
+
+    def __init__(self, llm: llama_cpp.Llama):
+        self.llm = llm
+        model = llm._model.model
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            raise UnsupportedModelError(
+                "recurrent and hybrid models keep no per-token KV; their prefixes cannot be "
+                "restored by range"
+            )
+        if llama_cpp.llama_model_n_swa(model) > 0 and not llm.context_params.swa_full:
+            raise UnsupportedModelError(
+                "this model uses sliding-window attention; open it with swa_full=True so that "
+                "every token's KV is kept and can be restored"
+            )
+        self._ensure_scratch_sequence()
+        self.n_ctx = int(llm.n_ctx())
+        self.n_batch = int(llm.n_batch)
+        self.n_vocab = int(llm.n_vocab())
+        self._buffer = bytearray()
+
+    # context management ---------------------------------------------------------------------
+
+    def _ensure_scratch_sequence(self) -> None:
+        llm = self.llm
+        ctx = llm._ctx.ctx
+        if llama_cpp.llama_n_seq_max(ctx) >= 2 and llm.context_params.kv_unified:
+            return
+        params = llm.context_params
+        params.n_seq_max = 2
+        params.kv_unified = True
+        new = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+        old = llm._ctx
+        llm._ctx = new
+        old.close()
+        if getattr(llm, "_lora_adapter", None) is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            scales = (ctypes.c_float * 1)(llm.lora_scale)
+            llama_cpp.llama_set_adapters_lora(new.ctx, adapters, 1, scales)
+        llm.n_tokens = 0
+        llm._requires_eval = True  # type: ignore[attr-defined]
+        log.debug("replaced the context with a two-sequence unified one")
+
+    @property
+    def _mem(self) -> Any:
+        return llama_cpp.llama_get_memory(self.llm._ctx.ctx)
+
+    def fingerprint(self, memo: dict[str, Any] | None = None) -> Fingerprint:
+        llm = self.llm
+        p = llm.context_params
+        lora = ""
+        if getattr(llm, "lora_path", None):
+            lora = f"{file_digest(llm.lora_path, memo)}@{llm.lora_scale}"
+        gpu = bool(llama_cpp.llama_supports_gpu_offload()) and llm.model_params.n_gpu_layers != 0
+        return Fingerprint(
+            model_sha256=file_digest(llm.model_path, memo),
+            llama_cpp_version=str(llama_cpp.__version__),
+            type_k=int(p.type_k),
+            type_v=int(p.type_v),
+            flash_attn=int(p.flash_attn_type),
+            kv_unified=bool(p.kv_unified),
+            swa_full=bool(p.swa_full),
+            rope_scaling_type=int(p.rope_scaling_type),
+            rope_freq_base=float(p.rope_freq_base),
+            rope_freq_scale=float(p.rope_freq_scale),
+            yarn_ext_factor=float(p.yarn_ext_factor),
+            yarn_attn_factor=float(p.yarn_attn_factor),
+            yarn_beta_fast=float(p.yarn_beta_fast),
+            yarn_beta_slow=float(p.yarn_beta_slow),
+            yarn_orig_ctx=int(p.yarn_orig_ctx),
+            lora=lora,
+            embeddings=bool(p.embeddings),
+            backend="gpu" if gpu else "cpu",
+        )
+
+    # validation -----------------------------------------------------------------------------
+
+    def validate(self, tokens: Sequence[int], extra: int = 0) -> None:
+        """Check token ids and length (plus ``extra`` tokens to generate) against the context."""
+        need = len(tokens) + extra
+        if need > self.n_ctx:
+            raise PromptTooLongError(need, self.n_ctx)
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.n_vocab):
+            bad = next(t for t in tokens if t < 0 or t >= self.n_vocab)
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+
+    # the conversation sequence --------------------------------------------------------------
+
+    def live_tokens(self) -> array:
+        """Tokens whose KV is in sequence 0 now (what the Llama believes it has evaluated)."""
+        return array("i", self.llm.input_ids[: self.llm.n_tokens].tolist())
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens of sequence 0 and forget the rest."""
+        n = max(0, min(n, self.llm.n_tokens))
+        llama_cpp.llama_memory_seq_rm(self._mem, CONVERSATION, n, -1)
+        self.llm.n_tokens = n
+        self.llm._requires_eval = True  # type: ignore[attr-defined]
+
+    def evaluate(self, tokens: Sequence[int], progress: Progress | None = None) -> None:
+        """Append ``tokens`` to sequence 0, in batches of at most n_batch."""
+        start = self.llm.n_tokens
+        self.validate(list(self.live_tokens()) + list(tokens))
+        total = len(tokens)
+        for i in range(0, total, self.n_batch):
+            self.llm.eval(tokens[i : i + self.n_batch])
+            if progress is not None:
+                progress(min(total, i + self.n_batch), total)
+        assert self.llm.n_tokens == start + total
+
+    # capture and restore --------------------------------------------------------------------
+
+    def capture(self, start: int, end: int) -> bytearray:
+        """Serialise the KV of positions ``[start, end)`` of sequence 0."""
+        if not 0 <= start < end <= self.llm.n_tokens:
+            raise ValueError(f"cannot capture [{start}, {end}) of {self.llm.n_tokens} live tokens")
+        ctx = self.llm._ctx.ctx
+        mem = self._mem
+        llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
+        llama_cpp.llama_memory_seq_cp(mem, CONVERSATION, SCRATCH, start, end)
+        try:
+            size = llama_cpp.llama_state_seq_get_size(ctx, SCRATCH)
+            out = bytearray(size)
+            buf = (ctypes.c_uint8 * size).from_buffer(out)
+            written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, SCRATCH)
+            del buf
+        finally:
+            llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
+        if written != size:
+            raise RuntimeError(f"llama.cpp wrote {written} of {size} state bytes")
+        return out
+
+    def buffer(self, nbytes: int) -> memoryview:
+        """A reusable buffer to read segment bytes into (no allocation per restore)."""
+        if len(self._buffer) < nbytes:
+            self._buffer = bytearray(nbytes)
+        return memoryview(self._buffer)[:nbytes]
+
+    def restore(self, data: Any, nbytes: int, start: int, tokens: Sequence[int]) -> None:
+        """Load a captured span onto the end of sequence 0, which must hold exactly ``start``.
+
+        The bytes must already be checksummed; llama.cpp still checks their layout, and the
+        positions they land on are checked here. On failure sequence 0 is left at ``start``.
+        """
+        llm = self.llm
+        if llm.n_tokens != start:
+            raise ValueError(f"restore at {start} but {llm.n_tokens} tokens are live")
+        end = start + len(tokens)
+        if end > self.n_ctx:
+            raise PromptTooLongError(end, self.n_ctx, "restored prefix")
+        ctx = llm._ctx.ctx
+        mem = self._mem
+        view = memoryview(data).cast("B")
+        if len(view) < nbytes:
+            raise CorruptSegmentError("?", "buffer shorter than the segment")
+        buf = (ctypes.c_uint8 * nbytes).from_buffer(view) if not view.readonly else None
+        if buf is None:
+            buf = (ctypes.c_uint8 * nbytes).from_buffer_copy(view[:nbytes])
+        llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
+        try:
+            loaded = llama_cpp.llama_state_seq_set_data(ctx, buf, nbytes, SCRATCH)
+            lo = llama_cpp.llama_memory_seq_pos_min(mem, SCRATCH)
+            hi = llama_cpp.llama_memory_seq_pos_max(mem, SCRATCH)
+            if not loaded or (lo, hi) != (start, end - 1):
+                raise CorruptSegmentError(
+                    "?",
+                    f"llama.cpp rejected the state (loaded={loaded}, positions {lo}..{hi}, "
+                    f"expected {start}..{end - 1})",
+                )
+            llama_cpp.llama_memory_seq_cp(mem, SCRATCH, CONVERSATION, -1, -1)
+        finally:
+            llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
+            del buf
+        llm.input_ids[start:end] = tokens
+        llm.n_tokens = end
+        llm._requires_eval = True  # type: ignore[attr-defined]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``fn`` and return its result and the seconds it took."""
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t

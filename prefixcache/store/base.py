@@ -1,0 +1,86 @@
+"""The storage interface: bytes in, bytes out, metadata as JSON.
+
+A backend stores three kinds of records: segments (JSON metadata plus raw KV bytes), pins (named
+chains) and small JSON documents (calibration, quarantine notes). Visibility is the segment's
+metadata record: it is written only after its bytes are complete, so a reader never sees half a
+segment. Nothing here ever unpickles anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from ..segment import Pin, Segment, Usage
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What a garbage collection reclaimed."""
+
+    orphans: int = 0  # KV bytes without metadata (a write cut short), removed
+    broken: int = 0  # metadata without readable bytes, or whose parent is gone, removed
+    expired_pins: int = 0
+    bytes_freed: int = 0
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the cache needs from a storage backend."""
+
+    url: str
+
+    def put(self, seg: Segment, kv: Any) -> bool:
+        """Store a segment (metadata + KV bytes, a bytes-like object). False if it existed."""
+
+    def get(self, key: str) -> Segment | None:
+        """The metadata of a complete segment, or None."""
+
+    def read_kv(self, seg: Segment, into: memoryview) -> None:
+        """Read the segment's KV bytes into ``into`` (exactly ``seg.nbytes`` long).
+
+        Raises CorruptSegmentError when the bytes are missing or of the wrong length.
+        """
+
+    def keys(self) -> set[str]:
+        """Keys of every complete segment (cheap: no metadata is parsed)."""
+
+    def segments(self) -> Iterator[Segment]:
+        """Every complete segment (unreadable metadata is skipped and logged)."""
+
+    def delete(self, key: str) -> int:
+        """Remove a segment; returns the bytes freed (0 if it was not there)."""
+
+    def touch(self, key: str, now: float) -> None:
+        """Count a hit and record the time of use."""
+
+    def usage(self) -> dict[str, Usage]:
+        """Hits and last use of every segment that has any."""
+
+    def pins(self) -> list[Pin]:
+        """Every pin record."""
+
+    def set_pin(self, pin: Pin) -> None: ...
+
+    def delete_pin(self, root: str, name: str) -> bool: ...
+
+    def get_doc(self, name: str) -> dict[str, Any] | None:
+        """A small JSON document (calibration figures, quarantine notes)."""
+
+    def set_doc(self, name: str, doc: dict[str, Any]) -> None: ...
+
+    def generation(self) -> int:
+        """A counter bumped by every change to the set of segments (to resync indexes)."""
+
+    def total_bytes(self) -> int:
+        """KV bytes of all complete segments."""
+
+    def lock(self, name: str, timeout: float = 600.0) -> AbstractContextManager[None]:
+        """A lock shared by every process using this store."""
+
+    def gc(self) -> GcReport:
+        """Reclaim what interrupted writes left behind."""
+
+    def close(self) -> None: ...

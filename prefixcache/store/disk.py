@@ -1,0 +1,270 @@
+"""The local store: one directory, managed by diskcache.
+
+diskcache gives process-safe SQLite metadata, file-backed values and transactions. We keep it
+from ever pickling (values are bytes, keys and metadata are str), switch off its own culling
+(eviction is ours: pins must survive) and make every file user-only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import diskcache.core
+
+from ..errors import CorruptSegmentError, StoreError
+from ..segment import Pin, Segment, Usage
+from .base import GcReport
+from .docs import decode_doc, encode_doc
+
+log = logging.getLogger(__name__)
+
+_SEG = "seg:"
+_KV = "kv:"
+_USE = "use:"
+_PIN = "pin:"
+_DOC = "doc:"
+_GEN = "generation"
+_BYTES = "bytes"
+
+
+class SafeDisk(diskcache.Disk):
+    """A diskcache Disk that stores only str/bytes/int and refuses to unpickle anything."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if type(key) is not str:
+            raise StoreError(f"store keys must be str, not {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise StoreError("refusing to unpickle a key found in the store")
+        return super().get(key, raw)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if not read and type(value) not in (bytes, str, int, float):
+            raise StoreError(f"store values must be bytes or str, not {type(value).__name__}")
+        size, mode, filename, db_value = super().store(value, read, key)
+        if filename:
+            os.chmod(os.path.join(self._directory, filename), stat.S_IRUSR | stat.S_IWUSR)
+        return size, mode, filename, db_value
+
+    def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise StoreError("refusing to unpickle a value found in the store")
+        return super().fetch(mode, filename, value, read)
+
+
+class _BufferReader:
+    """A file-like view of a bytes-like object, read in chunks (no full copy)."""
+
+    def __init__(self, data: Any):
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos = end
+        return chunk
+
+
+class DiskStore:
+    """Segments, pins and documents in one local directory."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).expanduser()
+        self.url = str(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.path, stat.S_IRWXU)
+            self._cache = diskcache.Cache(
+                str(self.path),
+                disk=SafeDisk,
+                eviction_policy="none",
+                size_limit=2**62,
+                cull_limit=0,
+                statistics=False,
+                sqlite_synchronous=1,  # NORMAL: WAL keeps commits atomic across a crash
+            )
+        except (OSError, diskcache.core.Timeout) as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        except Exception as exc:  # sqlite3.DatabaseError for a file that is not a database
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
+            db = self.path / name
+            if db.exists():
+                os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
+
+    # segments -------------------------------------------------------------------------------
+
+    def put(self, seg: Segment, kv: Any) -> bool:
+        if _SEG + seg.key in self._cache:
+            return False
+        view = memoryview(kv).cast("B")
+        if len(view) != seg.nbytes:
+            raise StoreError(f"segment {seg.key[:16]}: {len(view)} bytes, metadata says {seg.nbytes}")
+        # Bytes first, then the metadata that makes them visible, in one transaction with the
+        # size counter. A crash before the commit leaves only an orphan that gc() removes.
+        self._cache.set(_KV + seg.key, _BufferReader(view), read=True)
+        with self._cache.transact():
+            if _SEG + seg.key in self._cache:
+                return False
+            self._cache.set(_SEG + seg.key, seg.to_json())
+            self._cache.incr(_BYTES, seg.nbytes)
+            self._cache.incr(_GEN)
+        return True
+
+    def get(self, key: str) -> Segment | None:
+        text = self._cache.get(_SEG + key)
+        if text is None:
+            return None
+        return Segment.from_json(text)
+
+    def read_kv(self, seg: Segment, into: memoryview) -> None:
+        handle = self._cache.get(_KV + seg.key, read=True)
+        if handle is None:
+            raise CorruptSegmentError(seg.key, "its KV bytes are missing")
+        with handle:
+            n = handle.readinto(into)
+            extra = handle.read(1)
+        if n != seg.nbytes or extra:
+            raise CorruptSegmentError(seg.key, f"expected {seg.nbytes} bytes, found {n}+")
+
+    def keys(self) -> set[str]:
+        return {k[len(_SEG) :] for k in self._cache.iterkeys() if k.startswith(_SEG)}
+
+    def segments(self) -> Iterator[Segment]:
+        for key in list(self._cache.iterkeys()):
+            if not key.startswith(_SEG):
+                continue
+            text = self._cache.get(key)
+            if text is None:
+                continue
+            try:
+                yield Segment.from_json(text)
+            except CorruptSegmentError as exc:
+                log.warning("skipping unreadable segment record %s: %s", key, exc.reason)
+
+    def delete(self, key: str) -> int:
+        with self._cache.transact():
+            text = self._cache.get(_SEG + key)
+            freed = 0
+            if text is not None:
+                try:
+                    freed = Segment.from_json(text).nbytes
+                except CorruptSegmentError:
+                    freed = 0
+                self._cache.delete(_SEG + key)
+                self._cache.incr(_BYTES, -freed)
+                self._cache.incr(_GEN)
+            self._cache.delete(_KV + key)
+            self._cache.delete(_USE + key)
+        return freed
+
+    def touch(self, key: str, now: float) -> None:
+        use = Usage.from_json(self._cache.get(_USE + key))
+        use.hits += 1
+        use.last_used = now
+        self._cache.set(_USE + key, use.to_json())
+
+    def usage(self) -> dict[str, Usage]:
+        out: dict[str, Usage] = {}
+        for key in list(self._cache.iterkeys()):
+            if key.startswith(_USE):
+                out[key[len(_USE) :]] = Usage.from_json(self._cache.get(key))
+        return out
+
+    # pins and documents ---------------------------------------------------------------------
+
+    def pins(self) -> list[Pin]:
+        out = []
+        for key in list(self._cache.iterkeys()):
+            if key.startswith(_PIN):
+                text = self._cache.get(key)
+                if text is not None:
+                    out.append(Pin.from_json(text))
+        return out
+
+    def set_pin(self, pin: Pin) -> None:
+        self._cache.set(f"{_PIN}{pin.root}:{pin.name}", pin.to_json())
+        self._cache.incr(_GEN)
+
+    def delete_pin(self, root: str, name: str) -> bool:
+        found = bool(self._cache.delete(f"{_PIN}{root}:{name}"))
+        if found:
+            self._cache.incr(_GEN)
+        return found
+
+    def get_doc(self, name: str) -> dict[str, Any] | None:
+        return decode_doc(self._cache.get(_DOC + name))
+
+    def set_doc(self, name: str, doc: dict[str, Any]) -> None:
+        self._cache.set(_DOC + name, encode_doc(doc))
+
+    # housekeeping ---------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        return int(self._cache.get(_GEN, 0))
+
+    def total_bytes(self) -> int:
+        return int(self._cache.get(_BYTES, 0))
+
+    def lock(self, name: str, timeout: float = 600.0) -> AbstractContextManager[None]:
+        return _lock(self._cache, "lock:" + name, timeout)
+
+    def gc(self) -> GcReport:
+        """Remove KV rows without metadata, files without rows, and recount the size."""
+        seg_keys = set()
+        kv_keys = set()
+        for key in list(self._cache.iterkeys()):
+            if key.startswith(_SEG):
+                seg_keys.add(key[len(_SEG) :])
+            elif key.startswith(_KV):
+                kv_keys.add(key[len(_KV) :])
+        orphans = 0
+        freed = 0
+        for key in kv_keys - seg_keys:
+            handle = self._cache.get(_KV + key, read=True)
+            if handle is not None:
+                with handle:
+                    freed += os.fstat(handle.fileno()).st_size if hasattr(handle, "fileno") else 0
+            self._cache.delete(_KV + key)
+            orphans += 1
+        broken = 0
+        for key in seg_keys - kv_keys:
+            self.delete(key)
+            broken += 1
+        # Files written by a process killed before diskcache inserted their row.
+        for warning in self._cache.check(fix=True):
+            log.debug("gc: %s", warning.message)
+        total = sum(seg.nbytes for seg in self.segments())
+        self._cache.set(_BYTES, total)
+        self._cache.incr(_GEN)
+        return GcReport(orphans=orphans, broken=broken, bytes_freed=freed)
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+@contextmanager
+def _lock(cache: diskcache.Cache, key: str, timeout: float) -> Iterator[None]:
+    """A cross-process lock: an ``add`` that only one process wins, expiring if its holder died."""
+    deadline = time.monotonic() + timeout
+    token = f"{os.getpid()}:{time.time()}"
+    while not cache.add(key, token, expire=timeout):
+        if time.monotonic() > deadline:
+            raise StoreError(f"timed out after {timeout:.0f}s waiting for store lock {key!r}")
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        if cache.get(key) == token:
+            cache.delete(key)

@@ -1,0 +1,154 @@
+"""Chat-template rendering at token level, and stable prefix boundaries.
+
+Conversations are rendered with the model's own chat template from its GGUF metadata, through
+llama-cpp-python's ``Jinja2ChatFormatter`` and tokenized exactly as its chat handler does, so the
+tokens we match are the tokens ``create_chat_completion`` evaluates.
+
+A prefix of messages is not always a prefix of the rendered text: templates fold the system prompt
+into the first user turn, add a default system prompt, or close a turn differently depending on
+what follows. :meth:`ChatTemplate.prefix_tokens` therefore renders the prefix followed by several
+different continuations and keeps the longest token prefix common to all of them: the only tokens
+that every conversation starting with those messages is guaranteed to share.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .errors import TemplateError
+from .radix import common_prefix_length
+
+Message = Mapping[str, Any]
+
+# Continuations used to find the boundary: different roles and different first characters, so
+# nothing that depends on what follows can survive in their common prefix.
+_PROBES = ("Zq9 probe", "7x probe")
+_PROBE_ROLES = ("user", "assistant", "system", "tool")
+
+TOOLS_PREAMBLE = (
+    "You can call the following tools. To call one, reply with only a JSON object "
+    '{"name": <tool name>, "arguments": {...}}.\n\nTools:\n'
+)
+
+
+class ChatTemplate:
+    """Renders messages (and tools) to the token ids the model will see."""
+
+    def __init__(self, llm: llama_cpp.Llama):
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise TemplateError(
+                "the model has no chat template in its GGUF metadata; prefixcache needs one to "
+                "render conversations"
+            )
+        self._llm = llm
+        self.source = template
+        eos_id = llm.token_eos()
+        bos_id = llm.token_bos()
+        eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
+        # The same arguments Llama.__init__ uses for "chat_template.default".
+        args = dict(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
+        self._with_prompt = Jinja2ChatFormatter(**args, add_generation_prompt=True)
+        self._without_prompt = Jinja2ChatFormatter(**args, add_generation_prompt=False)
+        self.handler = self._with_prompt.to_chat_handler()
+        #: Templates that never mention tools get them as a system message instead.
+        self.native_tools = "tools" in template
+
+    def messages_for(
+        self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages and tools as handed to the template.
+
+        A template that ignores ``tools`` would silently drop them; for such templates the tool
+        schemas become one system message right after the leading system messages.
+        """
+        msgs = [dict(m) for m in messages]
+        if not tools:
+            return msgs, None
+        tool_list = [dict(t) for t in tools]
+        if self.native_tools:
+            return msgs, tool_list
+        text = TOOLS_PREAMBLE + "\n".join(json.dumps(t, sort_keys=True) for t in tool_list)
+        at = 0
+        while at < len(msgs) and msgs[at].get("role") == "system":
+            at += 1
+        msgs.insert(at, {"role": "system", "content": text})
+        return msgs, None
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        msgs, tool_arg = self.messages_for(messages, tools)
+        fmt = self._with_prompt if add_generation_prompt else self._without_prompt
+        try:
+            return fmt(messages=msgs, tools=tool_arg).prompt  # type: ignore[arg-type]
+        except Exception as exc:  # jinja2 errors and the template's own raise_exception
+            raise TemplateError(f"the chat template cannot render these messages: {exc}") from exc
+
+    def tokenize(self, text: str) -> list[int]:
+        # As chat_formatter_to_chat_completion_handler: the template adds special tokens itself.
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def tokens(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """Token ids of the whole conversation, as create_chat_completion would evaluate them."""
+        return self.tokenize(self.render(messages, tools, add_generation_prompt=add_generation_prompt))
+
+    def prefix_tokens(
+        self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Tokens that every conversation starting with ``messages`` shares.
+
+        Raises TemplateError when the template leaves no such boundary after the messages'
+        content (the prefix would not cover them, so pinning it would restore nothing useful).
+        """
+        if not messages:
+            raise TemplateError("a prefix needs at least one message")
+        variants = [self._try_tokens(messages, tools)]
+        for role in _PROBE_ROLES:
+            for probe in _PROBES:
+                msg: dict[str, Any] = {"role": role, "content": probe}
+                if role == "tool":
+                    msg["tool_call_id"] = "probe"
+                variants.append(self._try_tokens([*messages, msg], tools))
+        rendered = [v for v in variants if v is not None]
+        if len(rendered) < 3:
+            raise TemplateError("the chat template rejects every continuation of these messages")
+        prefix = rendered[0]
+        for other in rendered[1:]:
+            prefix = prefix[: common_prefix_length(prefix, other)]
+        last = str(messages[-1].get("content") or "")
+        tail = last.strip()[-24:]
+        if tail and tail not in self.detokenize(prefix):
+            raise TemplateError(
+                "the chat template renders the end of these messages differently depending on "
+                "what follows, so no token boundary after them is stable; pin a shorter prefix "
+                "(for example without the last message)"
+            )
+        return prefix
+
+    def _try_tokens(
+        self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None
+    ) -> list[int] | None:
+        try:
+            return self.tokens(messages, tools, add_generation_prompt=True)
+        except TemplateError:
+            return None
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
