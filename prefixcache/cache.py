@@ -333,6 +333,9 @@ class PrefixCache:
     def _prepare(self, tokens: list[int], namespace: str, extra: int = 1) -> Prepared:
         self.kv.validate(tokens, extra)
         cached, restored, seconds = self._restore(tokens, namespace)
+        # The Llama prefills the rest of the prompt in batches: trust its KV up to the prompt's
+        # end, not the generated tokens that follow (see LlamaKV.live_tokens).
+        self.kv.exact = len(tokens)
         return Prepared(tokens, cached, restored, seconds)
 
     def prepare(
@@ -535,7 +538,7 @@ class PrefixCache:
         with self._lock:
             prepared, msgs, tool_arg = self._chat_prepare(messages, tools, ns, kwargs)
             t0 = time.perf_counter()
-            result = self.template.handler(llama=self.llm, messages=msgs, tools=tool_arg, **kwargs)
+            result = self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kwargs)
             elapsed = time.perf_counter() - t0
             usage = result.setdefault("usage", {})
             usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
@@ -572,9 +575,8 @@ class PrefixCache:
         with self._lock:
             prepared, msgs, tool_arg = self._chat_prepare(messages, tools, ns, kwargs)
             t0 = time.perf_counter()
-            chunks = self.template.handler(
-                llama=self.llm, messages=msgs, tools=tool_arg, stream=True, **kwargs
-            )
+            kwargs["stream"] = True
+            chunks = self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kwargs)
             text: list[str] = []
             n_chunks = 0
             last: dict[str, Any] = {}

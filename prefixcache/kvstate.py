@@ -139,14 +139,30 @@ class LlamaKV:
     # the conversation sequence --------------------------------------------------------------
 
     def live_tokens(self) -> array:
-        """Tokens whose KV is in sequence 0 now (what the Llama believes it has evaluated)."""
-        return array("i", self.llm.input_ids[: self.llm.n_tokens].tolist())
+        """Live tokens whose KV is exactly what a batched prefill gives.
+
+        Tokens decoded one at a time during generation get KV that differs (in the last bits)
+        from a batched prefill of the same tokens, so reusing or storing it would make output
+        differ from a cold run. Only the first ``exact`` live tokens are trusted; the runtime
+        moves that mark to the end of each prompt, which the Llama always prefills in batches.
+        """
+        n = min(self.llm.n_tokens, self.exact)
+        return array("i", self.llm.input_ids[:n].tolist())
+
+    @property
+    def exact(self) -> int:
+        return int(getattr(self.llm, "_prefixcache_exact", 0))
+
+    @exact.setter
+    def exact(self, n: int) -> None:
+        self.llm._prefixcache_exact = n  # type: ignore[attr-defined]
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens of sequence 0 and forget the rest."""
         n = max(0, min(n, self.llm.n_tokens))
         llama_cpp.llama_memory_seq_rm(self._mem, CONVERSATION, n, -1)
         self.llm.n_tokens = n
+        self.exact = min(self.exact, n)
         self.llm._requires_eval = True  # type: ignore[attr-defined]
 
     def evaluate(self, tokens: Sequence[int], progress: Progress | None = None) -> None:
@@ -159,6 +175,7 @@ class LlamaKV:
             if progress is not None:
                 progress(min(total, i + self.n_batch), total)
         assert self.llm.n_tokens == start + total
+        self.exact = self.llm.n_tokens
 
     # capture and restore --------------------------------------------------------------------
 
@@ -225,6 +242,7 @@ class LlamaKV:
             del buf
         llm.input_ids[start:end] = tokens
         llm.n_tokens = end
+        self.exact = end
         llm._requires_eval = True  # type: ignore[attr-defined]
 
 

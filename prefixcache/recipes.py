@@ -14,7 +14,7 @@ Schema (every key is optional except ``prefix``)::
     model: null             # GGUF path relative to this file's folder; null = the default model
     n_ctx: 8192             # positive integer
     pinned: true            # keep the stored prefix safe from eviction (default true)
-    ttl: 7d                 # seconds, or text such as 90s, 30m, 12h, 7d, 1h30m; null = never expires
+    ttl: 7d                 # seconds, or text such as 90s, 30m, 12h, 7d, 1h30m; null = never
     autosave: true          # store the prefix's KV state once it is computed (default true)
     tools:                  # OpenAI tool schemas
       - type: function
@@ -326,7 +326,10 @@ def _check_unique_names(recipes: Sequence[Recipe]) -> None:
 
 
 def check_token_limits(recipe: Recipe, count_tokens: Callable[[str], int]) -> None:
-    """Check every include's ``max_tokens`` in the recipe's chain, counting with ``count_tokens``."""
+    """Check each include's ``max_tokens`` along the recipe's chain, counting with ``count_tokens``.
+
+    Token counts need the model's tokenizer, so this runs after loading, when one is at hand.
+    """
     for owner in recipe.chain:
         for spec in owner.includes:
             if spec.max_tokens is None:

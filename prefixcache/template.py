@@ -13,6 +13,7 @@ that every conversation starting with those messages is guaranteed to share.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,12 @@ Message = Mapping[str, Any]
 # nothing that depends on what follows can survive in their common prefix.
 _PROBES = ("Zq9 probe", "7x probe")
 _PROBE_ROLES = ("user", "assistant", "system", "tool")
+
+_CHAT_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(llama_cpp.Llama.create_chat_completion).parameters.items()
+    if name not in ("self", "messages", "tools") and p.default is not inspect.Parameter.empty
+}
 
 TOOLS_PREAMBLE = (
     "You can call the following tools. To call one, reply with only a JSON object "
@@ -56,9 +63,19 @@ class ChatTemplate:
         args = dict(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
         self._with_prompt = Jinja2ChatFormatter(**args, add_generation_prompt=True)
         self._without_prompt = Jinja2ChatFormatter(**args, add_generation_prompt=False)
-        self.handler = self._with_prompt.to_chat_handler()
+        self._handler = self._with_prompt.to_chat_handler()
         #: Templates that never mention tools get them as a system message instead.
         self.native_tools = "tools" in template
+
+    def complete(self, llm: llama_cpp.Llama, **kwargs: Any) -> Any:
+        """Run the chat handler with ``Llama.create_chat_completion``'s defaults.
+
+        The bare handler has defaults of its own (repeat_penalty=1.1, temperature=0.2) that
+        differ from the Llama method's; using the method's keeps output identical to it.
+        """
+        for name, param in _CHAT_DEFAULTS.items():
+            kwargs.setdefault(name, param)
+        return self._handler(llama=llm, **kwargs)
 
     def messages_for(
         self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None

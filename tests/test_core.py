@@ -26,11 +26,6 @@ def cold_reply(llm: llama_cpp.Llama, messages: list[dict]) -> str:
     return out["choices"][0]["message"]["content"]
 
 
-@pytest.mark.xfail(
-    reason="under investigation: suffix evaluated in a separate batch can differ numerically "
-    "from a one-batch cold prefill (batch-size dependent CPU kernels)",
-    strict=False,
-)
 def test_pinned_and_autosaved_prefixes_give_cold_output(tmp_path, cold_llm):
     store = tmp_path / "store"
     info = PrefixCache.open(store=store, n_ctx=2048).pin([SYSTEM], name="hw")
@@ -43,5 +38,5 @@ def test_pinned_and_autosaved_prefixes_give_cold_output(tmp_path, cold_llm):
     fresh = PrefixCache.open(store=store, n_ctx=2048)
     reply2 = fresh.chat(second, max_tokens=24, temperature=0)
     cached = reply2["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached > reply["usage"]["prompt_tokens"]
+    assert cached >= reply["usage"]["prompt_tokens"]
     assert reply2["choices"][0]["message"]["content"] == cold_reply(cold_llm, second)
