@@ -172,7 +172,10 @@ class PrefixCache:
         memo = self.store.get_doc("model-digests") or {}
         self.fingerprint = self.kv.fingerprint(memo)
         self.store.set_doc("model-digests", memo)
-        self.store.set_doc("fingerprint:" + self.fingerprint.digest, self.fingerprint.to_dict())
+        self.store.set_doc(
+            "fingerprint:" + self.fingerprint.digest,
+            {**self.fingerprint.to_dict(), "model_path": str(llm.model_path)},
+        )
         self._known: dict[str, _Known] = {}
         self._generation = -1
         self._stats = Stats()
