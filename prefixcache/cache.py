@@ -8,6 +8,7 @@ segments (autosave), so the next turn of an agent loop restores everything but i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -19,7 +20,14 @@ from typing import Any
 import llama_cpp
 
 from . import config
-from .errors import CorruptSegmentError, PrefixCacheError, PromptTooLongError, TemplateError
+from .errors import (
+    CorruptSegmentError,
+    IncompatibleStateError,
+    PrefixCacheError,
+    PromptTooLongError,
+    TemplateError,
+)
+from .fingerprint import Fingerprint
 from .kvstate import LlamaKV, Progress
 from .lifecycle import Eviction, check_pin_quota, enforce_quota
 from .radix import Match, RadixIndex, as_tokens, common_prefix_length
@@ -82,7 +90,9 @@ class Calibration:
         """Smallest span whose restore is cheaper than prefilling it again."""
         if not (self.prefill_tokens_per_s and self.restore_bytes_per_s and self.bytes_per_token):
             return 4
-        per_token_gain = 1 / self.prefill_tokens_per_s - self.bytes_per_token / self.restore_bytes_per_s
+        per_token_gain = (
+            1 / self.prefill_tokens_per_s - self.bytes_per_token / self.restore_bytes_per_s
+        )
         if per_token_gain <= 0:
             return 1 << 30  # restoring is never cheaper: do not autosave
         return max(1, int(self.restore_overhead_s / per_token_gain) + 1)
@@ -178,9 +188,12 @@ class PrefixCache:
         )
         self._known: dict[str, _Known] = {}
         self._generation = -1
+        self._explained = False
         self._stats = Stats()
         cal = self.store.get_doc(_CALIBRATION_DOC + self.fingerprint.digest) or {}
-        self.calibration = Calibration(**{k: float(v) for k, v in cal.items() if k in asdict(Calibration())})
+        self.calibration = Calibration(
+            **{k: float(v) for k, v in cal.items() if k in asdict(Calibration())}
+        )
 
     @classmethod
     def open(
@@ -246,6 +259,7 @@ class PrefixCache:
                 continue  # its parent is gone: unreachable, gc removes it
             known.index.insert(seg.key, parent, seg.tokens)
             known.segments[seg.key] = seg
+        self._explain_miss(stored, known)
         # Other namespaces are refreshed on their next use.
         for ns in list(self._known):
             if ns != namespace:
@@ -260,6 +274,35 @@ class PrefixCache:
         for k in [*known.index.descendants(key), key]:
             known.index.remove(k)
             known.segments.pop(k, None)
+
+    def check_compatible(self, fingerprint_digest: str) -> None:
+        """Raise IncompatibleStateError naming the field in which a stored fingerprint differs."""
+        if fingerprint_digest == self.fingerprint.digest:
+            return
+        doc = self.store.get_doc("fingerprint:" + fingerprint_digest)
+        if doc is None:
+            raise IncompatibleStateError("fingerprint", fingerprint_digest, self.fingerprint.digest)
+        stored = Fingerprint.from_dict(doc)
+        self.fingerprint.require_equal(stored)
+        raise IncompatibleStateError("fingerprint", fingerprint_digest, self.fingerprint.digest)
+
+    def _explain_miss(self, stored: set[str], known: _Known) -> None:
+        """Log once why segments in the store are not usable here (another model or settings)."""
+        if known.segments or self._explained or not stored:
+            return
+        self._explained = True
+        for key in list(stored)[:50]:
+            try:
+                seg = self.store.get(key)
+            except CorruptSegmentError:
+                continue
+            if seg is None or seg.fingerprint == self.fingerprint.digest:
+                continue
+            try:
+                self.check_compatible(seg.fingerprint)
+            except IncompatibleStateError as exc:
+                log.warning("stored segments are not restorable here: %s", exc)
+                return
 
     def lookup(self, tokens: Sequence[int], namespace: str | None = None) -> Match:
         """The longest stored prefix of ``tokens`` (no model work)."""
@@ -320,10 +363,14 @@ class PrefixCache:
             log.info("segment %s was evicted while restoring; prefilling instead", seg.key[:16])
             self._forget(known, seg.key)
             return
-        doomed = [*known.index.descendants(seg.key), seg.key] if seg.key in known.index else [seg.key]
+        doomed = (
+            [*known.index.descendants(seg.key), seg.key] if seg.key in known.index else [seg.key]
+        )
         log.warning(
             "segment %s is corrupt (%s): quarantined with %d descendant(s); prefilling instead",
-            seg.key[:16], exc.reason, len(doomed) - 1,
+            seg.key[:16],
+            exc.reason,
+            len(doomed) - 1,
         )
         notes = self.store.get_doc("quarantine") or {}
         notes[seg.key] = {"reason": exc.reason, "time": time.time(), "descendants": len(doomed) - 1}
@@ -404,7 +451,7 @@ class PrefixCache:
         cuts.update(range((at // step + 1) * step, end, step))
         edges = [at, *sorted(cuts), end]
         captured = []
-        for a, b in zip(edges, edges[1:]):
+        for a, b in itertools.pairwise(edges):
             captured.append((a, b, self.kv.capture(a, b)))
         now = time.time()
         segs: list[tuple[Segment, bytearray]] = []
@@ -413,9 +460,17 @@ class PrefixCache:
             span = tuple(tokens[a:b])
             key = segment_key(p, span)
             seg = Segment(
-                key=key, parent=p, root=root, start=a, tokens=span, nbytes=len(data),
-                checksum=checksum(data), fingerprint=self.fingerprint.digest,
-                namespace=namespace, created=now, label=label,
+                key=key,
+                parent=p,
+                root=root,
+                start=a,
+                tokens=span,
+                nbytes=len(data),
+                checksum=checksum(data),
+                fingerprint=self.fingerprint.digest,
+                namespace=namespace,
+                created=now,
+                label=label,
             )
             segs.append((seg, data))
             p = key
@@ -471,7 +526,11 @@ class PrefixCache:
         total would exceed the quota, and PromptTooLongError when the prefix does not fit.
         """
         ns = self.namespace if namespace is None else namespace
-        tokens = prefix_tokens if prefix_tokens is not None else self.template.prefix_tokens(messages, tools)
+        tokens = (
+            prefix_tokens
+            if prefix_tokens is not None
+            else self.template.prefix_tokens(messages, tools)
+        )
         boundaries = self.message_boundaries(messages, tools)
         root = self.root(ns)
         with self._lock, self.store.lock(f"pin:{root}:{name}"):
@@ -495,8 +554,14 @@ class PrefixCache:
                 quota_check([last], 0)
             self.store.set_pin(
                 Pin(
-                    name=name, key=last, root=root, n_tokens=len(tokens), created=now,
-                    expires=None if ttl is None else now + ttl, source=source, digest=digest,
+                    name=name,
+                    key=last,
+                    root=root,
+                    n_tokens=len(tokens),
+                    created=now,
+                    expires=None if ttl is None else now + ttl,
+                    source=source,
+                    digest=digest,
                 )
             )
             self._evict(protect=[last])
@@ -547,7 +612,7 @@ class PrefixCache:
             usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
             self._after_chat(prepared, elapsed, usage.get("completion_tokens", 0))
             if save:
-                self._autosave(messages, tools, ns, prepared, result["choices"][0]["message"])
+                self._autosave(ns, prepared)
             return result
 
     def _chat_prepare(
@@ -580,20 +645,17 @@ class PrefixCache:
             t0 = time.perf_counter()
             kwargs["stream"] = True
             chunks = self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kwargs)
-            text: list[str] = []
             n_chunks = 0
             last: dict[str, Any] = {}
             for chunk in chunks:
                 delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
                 if delta.get("content"):
-                    text.append(delta["content"])
                     n_chunks += 1
                 last = chunk
                 yield chunk
             self._after_chat(prepared, time.perf_counter() - t0, n_chunks)
             if save:
-                reply = {"role": "assistant", "content": "".join(text)}
-                self._autosave(messages, tools, ns, prepared, reply)
+                self._autosave(ns, prepared)
             if include_usage:
                 yield {
                     "id": last.get("id", ""),
@@ -609,29 +671,23 @@ class PrefixCache:
                     },
                 }
 
-    def _autosave(
-        self,
-        messages: Sequence[Message],
-        tools: Tools,
-        ns: str,
-        prepared: Prepared,
-        reply: Mapping[str, Any],
-    ) -> None:
-        """Store what the next turn will share: the prompt and, where it renders the same, the reply."""
-        live = self.kv.live_tokens()
-        reply_msg = {"role": "assistant", "content": reply.get("content") or ""}
-        try:
-            future = self.template.prefix_tokens([*messages, reply_msg], tools)
-        except TemplateError:
-            future = prepared.tokens
-        end = common_prefix_length(live, future)
-        if end < common_prefix_length(live, prepared.tokens):
-            future, end = prepared.tokens, common_prefix_length(live, prepared.tokens)
+    def _autosave(self, ns: str, prepared: Prepared) -> None:
+        """Store the prompt of the call just made, so the next turn restores all of it.
+
+        The reply is not stored: tokens decoded one at a time have KV that differs in the last
+        bits from a batched prefill, and restoring it would make the next turn's output differ
+        from a cold run. The next turn prefills the reply with its new message, and its own
+        autosave then stores both.
+        """
+        end = common_prefix_length(self.kv.live_tokens(), prepared.tokens)
         if end <= 0:
             return
         try:
             last, _, _ = self._store_span(
-                list(future), end, ns, label="autosave",
+                prepared.tokens,
+                end,
+                ns,
+                label="autosave",
                 min_span=self.calibration.min_span_tokens(),
             )
         except PrefixCacheError as exc:

@@ -20,7 +20,12 @@ from typing import Any, Protocol
 import llama_cpp
 from llama_cpp import _internals
 
-from .errors import CorruptSegmentError, PromptTooLongError, UnsupportedModelError
+from .errors import (
+    CorruptSegmentError,
+    PrefixCacheError,
+    PromptTooLongError,
+    UnsupportedModelError,
+)
 from .fingerprint import Fingerprint, file_digest
 
 log = logging.getLogger(__name__)
@@ -86,11 +91,11 @@ class LlamaKV:
         llm._ctx = new
         old.close()
         if getattr(llm, "_lora_adapter", None) is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(llm.lora_scale)
             llama_cpp.llama_set_adapters_lora(new.ctx, adapters, 1, scales)
         llm.n_tokens = 0
-        llm._requires_eval = True  # type: ignore[attr-defined]
+        llm._requires_eval = True
         log.debug("replaced the context with a two-sequence unified one")
 
     @property
@@ -102,7 +107,7 @@ class LlamaKV:
         p = llm.context_params
         lora = ""
         if getattr(llm, "lora_path", None):
-            lora = f"{file_digest(llm.lora_path, memo)}@{llm.lora_scale}"
+            lora = f"{file_digest(str(llm.lora_path), memo)}@{llm.lora_scale}"
         gpu = bool(llama_cpp.llama_supports_gpu_offload()) and llm.model_params.n_gpu_layers != 0
         return Fingerprint(
             model_sha256=file_digest(llm.model_path, memo),
@@ -134,7 +139,9 @@ class LlamaKV:
             raise PromptTooLongError(need, self.n_ctx)
         if tokens and (min(tokens) < 0 or max(tokens) >= self.n_vocab):
             bad = next(t for t in tokens if t < 0 or t >= self.n_vocab)
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+            raise PrefixCacheError(
+                f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})"
+            )
 
     # the conversation sequence --------------------------------------------------------------
 
@@ -163,7 +170,7 @@ class LlamaKV:
         llama_cpp.llama_memory_seq_rm(self._mem, CONVERSATION, n, -1)
         self.llm.n_tokens = n
         self.exact = min(self.exact, n)
-        self.llm._requires_eval = True  # type: ignore[attr-defined]
+        self.llm._requires_eval = True
 
     def evaluate(self, tokens: Sequence[int], progress: Progress | None = None) -> None:
         """Append ``tokens`` to sequence 0, in batches of at most n_batch."""
@@ -243,7 +250,7 @@ class LlamaKV:
         llm.input_ids[start:end] = tokens
         llm.n_tokens = end
         self.exact = end
-        llm._requires_eval = True  # type: ignore[attr-defined]
+        llm._requires_eval = True
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

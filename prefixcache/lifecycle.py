@@ -57,9 +57,7 @@ def check_pin_quota(
     segments = {s.key: s for s in store.segments()}
     pinned = pinned_keys(store, segments, now)
     pinned_bytes = sum(segments[k].nbytes for k in pinned)
-    extra = new_bytes + sum(
-        segments[k].nbytes for k in set(new_keys) - pinned if k in segments
-    )
+    extra = new_bytes + sum(segments[k].nbytes for k in set(new_keys) - pinned if k in segments)
     if pinned_bytes + extra > quota_bytes:
         raise QuotaExceededError(pinned_bytes, quota_bytes, extra)
 
@@ -76,7 +74,7 @@ def enforce_quota(
         total = sum(s.nbytes for s in segments.values())
         keep = pinned_keys(store, segments, now) | set(protect)
         usage = store.usage()
-        children: dict[str, int] = {k: 0 for k in segments}
+        children: dict[str, int] = dict.fromkeys(segments, 0)
         for seg in segments.values():
             if seg.parent in children:
                 children[seg.parent] += 1

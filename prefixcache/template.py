@@ -60,9 +60,16 @@ class ChatTemplate:
         eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
         bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
         # The same arguments Llama.__init__ uses for "chat_template.default".
-        args = dict(template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
-        self._with_prompt = Jinja2ChatFormatter(**args, add_generation_prompt=True)
-        self._without_prompt = Jinja2ChatFormatter(**args, add_generation_prompt=False)
+        self._with_prompt, self._without_prompt = (
+            Jinja2ChatFormatter(
+                template=template,
+                eos_token=eos,
+                bos_token=bos,
+                stop_token_ids=[eos_id],
+                add_generation_prompt=gen,
+            )
+            for gen in (True, False)
+        )
         self._handler = self._with_prompt.to_chat_handler()
         #: Templates that never mention tools get them as a system message instead.
         self.native_tools = "tools" in template
@@ -124,7 +131,9 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
     ) -> list[int]:
         """Token ids of the whole conversation, as create_chat_completion would evaluate them."""
-        return self.tokenize(self.render(messages, tools, add_generation_prompt=add_generation_prompt))
+        return self.tokenize(
+            self.render(messages, tools, add_generation_prompt=add_generation_prompt)
+        )
 
     def prefix_tokens(
         self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None

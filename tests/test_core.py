@@ -1,42 +1,180 @@
-"""Greedy output with a restored prefix equals a cold run, on the real SmolLM2 model."""
+"""The runtime on the real SmolLM2 model: restored prefixes give exactly the cold run's output."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import llama_cpp
 import pytest
+from conftest import N_CTX, SYSTEM
 
-from prefixcache import PrefixCache, config
+from prefixcache import (
+    IncompatibleStateError,
+    PrefixCache,
+    PrefixCacheError,
+    PromptTooLongError,
+    open_store,
+)
 
-SYSTEM = {
-    "role": "system",
-    "content": "You are a terse assistant for a hardware store. " + "Be helpful and short. " * 30,
-}
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [SYSTEM, {"role": "user", "content": question}]
 
 
-@pytest.fixture(scope="module")
-def cold_llm() -> llama_cpp.Llama:
-    return llama_cpp.Llama(
-        str(config.default_model()), n_ctx=2048, verbose=False, chat_format="chat_template.default"
+def text(reply: dict) -> str:
+    return str(reply["choices"][0]["message"]["content"])
+
+
+def cached(reply: dict) -> int:
+    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_pinned_prefix_restores_in_a_fresh_cache_and_matches_cold_output(open_cache, cold_reply):
+    info = open_cache().pin([SYSTEM], name="hw")
+    assert info.evaluated_tokens == info.n_tokens > 100
+    warm = open_cache()  # a new Llama: the KV can only come from the store
+    reply = warm.chat(ask("What is a hammer for?"), max_tokens=24, temperature=0)
+    assert cached(reply) == info.n_tokens
+    assert text(reply) == cold_reply(ask("What is a hammer for?"))
+    assert warm.stats()["hits"] == 1
+
+
+def test_pinning_again_evaluates_nothing(open_cache):
+    first = open_cache().pin([SYSTEM], name="hw")
+    again = open_cache().pin([SYSTEM], name="hw")
+    assert again.evaluated_tokens == 0 and again.new_segments == 0
+    assert again.key == first.key
+
+
+def test_autosaved_turn_restores_the_previous_prompt_and_matches_cold(open_cache, cold_reply):
+    open_cache().pin([SYSTEM], name="hw")
+    turn1 = ask("Do you cut timber?")
+    reply1 = open_cache().chat(turn1, max_tokens=24, temperature=0)
+    turn2 = [*turn1, reply1["choices"][0]["message"], {"role": "user", "content": "How long?"}]
+    reply2 = open_cache().chat(turn2, max_tokens=24, temperature=0)
+    assert cached(reply2) >= reply1["usage"]["prompt_tokens"]
+    assert text(reply2) == cold_reply(turn2)
+
+
+def test_branches_share_the_pinned_segment(open_cache, cold_reply, store):
+    cache = open_cache()
+    info = cache.pin([SYSTEM], name="hw")
+    pinned_bytes = open_store(store).total_bytes()
+    for question in ("What paint do you sell?", "Are you open on Sunday?"):
+        reply = open_cache().chat(ask(question), max_tokens=16, temperature=0)
+        assert cached(reply) >= info.n_tokens  # the second also shares "user\n" of the first
+        assert text(reply) == cold_reply(ask(question), max_tokens=16)
+    # Each branch stored only its own question, not another copy of the system prompt.
+    grown = open_store(store).total_bytes() - pinned_bytes
+    per_token = pinned_bytes / info.n_tokens
+    assert 0 < grown < 2 * 20 * per_token
+
+
+def test_match_ending_inside_a_segment_restores_and_trims(open_cache, cold_reply):
+    long_question = "Please compare these woods for a garden bench: " + "oak, pine, cedar, " * 30
+    open_cache().chat(ask(long_question + "Which lasts longest?"), max_tokens=4, temperature=0)
+    variant = ask(long_question + "Which is cheapest?")
+    cache = open_cache()
+    tokens = cache.template.tokens(variant)
+    match = cache.lookup(tokens)
+    assert match.chain_end > match.length > 150  # the stored segment runs past the divergence
+    reply = cache.chat(variant, max_tokens=24, temperature=0)
+    assert cached(reply) == match.length
+    assert text(reply) == cold_reply(variant)
+
+
+def test_streaming_matches_and_reports_usage(open_cache, cold_reply):
+    open_cache().pin([SYSTEM], name="hw")
+    chunks = list(
+        open_cache().chat(
+            ask("Do you sell screws?"),
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
+    streamed = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    )
+    assert streamed == cold_reply(ask("Do you sell screws?"))
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 100
 
 
-def cold_reply(llm: llama_cpp.Llama, messages: list[dict]) -> str:
-    llm.reset()
-    out = llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0)
-    return out["choices"][0]["message"]["content"]
+def test_prepare_lets_a_plain_create_chat_completion_skip_the_prefix(open_cache, cold_reply):
+    open_cache().pin([SYSTEM], name="hw")
+    cache = open_cache()
+    messages = ask("What garden supplies do you have?")
+    prepared = cache.prepare(messages)
+    assert cache.llm.n_tokens == prepared.cached_tokens > 100
+    out = cache.llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0)
+    assert text(out) == cold_reply(messages)
 
 
-def test_pinned_and_autosaved_prefixes_give_cold_output(tmp_path, cold_llm):
-    store = tmp_path / "store"
-    info = PrefixCache.open(store=store, n_ctx=2048).pin([SYSTEM], name="hw")
-    first = [SYSTEM, {"role": "user", "content": "What is a hammer for?"}]
-    warm = PrefixCache.open(store=store, n_ctx=2048)
-    reply = warm.chat(first, max_tokens=24, temperature=0)
-    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == info.n_tokens
-    assert reply["choices"][0]["message"]["content"] == cold_reply(cold_llm, first)
-    second = [*first, reply["choices"][0]["message"], {"role": "user", "content": "And a saw?"}]
-    fresh = PrefixCache.open(store=store, n_ctx=2048)
-    reply2 = fresh.chat(second, max_tokens=24, temperature=0)
-    cached = reply2["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached >= reply["usage"]["prompt_tokens"]
-    assert reply2["choices"][0]["message"]["content"] == cold_reply(cold_llm, second)
+def test_adopts_an_existing_single_sequence_llama(model_path, store, cold_reply):
+    llm = llama_cpp.Llama(
+        str(model_path), n_ctx=N_CTX, verbose=False, chat_format="chat_template.default"
+    )
+    assert llama_cpp.llama_n_seq_max(llm._ctx.ctx) == 1
+    cache = PrefixCache(llm=llm, store=store)
+    cache.pin([SYSTEM], name="hw")
+    reply = PrefixCache(llm=llm, store=store).chat(ask("Hi!"), max_tokens=16, temperature=0)
+    assert cached(reply) > 100
+    assert text(reply) == cold_reply(ask("Hi!"), max_tokens=16)
+
+
+def test_prompt_over_the_context_is_an_error_not_an_abort(open_cache):
+    cache = open_cache(n_ctx=256)
+    with pytest.raises(PromptTooLongError, match="context holds 256"):
+        cache.chat(ask("word " * 400), max_tokens=8)
+    with pytest.raises(PromptTooLongError):
+        cache.pin([{"role": "system", "content": "word " * 400}], name="big")
+    with pytest.raises(PromptTooLongError):
+        cache.chat(ask("short"), max_tokens=250)
+    with pytest.raises(PrefixCacheError, match="outside the vocabulary"):
+        cache.kv.validate([1, 2, 10**7])
+    assert cache.chat(ask("short"), max_tokens=4)["usage"]["completion_tokens"] > 0
+
+
+def test_other_kv_settings_never_restore_and_name_the_field(open_cache, caplog):
+    cache = open_cache()
+    cache.pin([SYSTEM], name="hw")
+    other = open_cache(type_k=llama_cpp.GGML_TYPE_Q8_0)
+    with caplog.at_level(logging.WARNING, logger="prefixcache"):
+        reply = other.chat(ask("Hi"), max_tokens=4, temperature=0)
+    assert cached(reply) == 0
+    assert "type_k" in caplog.text
+    with pytest.raises(IncompatibleStateError, match="type_k") as err:
+        other.check_compatible(cache.fingerprint.digest)
+    assert err.value.field == "type_k"
+
+
+def test_namespaces_do_not_see_each_other(open_cache):
+    open_cache(namespace="tenant-a").pin([SYSTEM], name="hw")
+    reply = open_cache(namespace="tenant-b").chat(ask("Hi"), max_tokens=4, temperature=0)
+    assert cached(reply) == 0
+
+
+def _kv_files(store: Path) -> list[Path]:
+    return [p for p in store.rglob("*.val") if p.stat().st_size > 100_000]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_segment_falls_back_to_prefill(open_cache, cold_reply, store, damage, caplog):
+    info = open_cache().pin([SYSTEM], name="hw")
+    (path,) = _kv_files(store)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 3 :]
+    path.write_bytes(bytes(data))
+    cache = open_cache()
+    with caplog.at_level(logging.WARNING, logger="prefixcache"):
+        reply = cache.chat(ask("What is a hammer for?"), max_tokens=24, temperature=0)
+    assert cached(reply) == 0
+    assert text(reply) == cold_reply(ask("What is a hammer for?"))
+    assert "corrupt" in caplog.text and "quarantined" in caplog.text
+    assert cache.stats()["corrupt_segments"] == 1
+    assert open_store(store).get(info.key) is None  # quarantined, never tried again

