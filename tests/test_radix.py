@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -99,7 +100,7 @@ def test_match_agrees_with_brute_force(spans, prompt):
     if best:
         last = m.chain[-1]
         assert paths[last][:best] == prompt[:best]
-        for a, b in zip(m.chain, m.chain[1:]):
+        for a, b in itertools.pairwise(m.chain):
             assert idx.parent(b) == a
     # Removing every leaf repeatedly empties the tree.
     while len(idx):
