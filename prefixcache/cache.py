@@ -683,7 +683,7 @@ class PrefixCache:
         if end <= 0:
             return
         try:
-            last, _, _ = self._store_span(
+            self._store_span(
                 prepared.tokens,
                 end,
                 ns,
@@ -693,7 +693,9 @@ class PrefixCache:
         except PrefixCacheError as exc:
             log.warning("autosave skipped: %s", exc)
             return
-        self._evict(protect=[last] if last else [])
+        # The new segments are the most recent, so LRU evicts them last; under a quota too
+        # small for them they go too, which is what a quota means.
+        self._evict()
 
     # reporting ------------------------------------------------------------------------------
 

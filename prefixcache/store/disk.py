@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -258,15 +259,43 @@ class DiskStore:
 
 @contextmanager
 def _lock(cache: diskcache.Cache, key: str, timeout: float) -> Iterator[None]:
-    """A cross-process lock: an ``add`` that only one process wins, expiring if its holder died."""
+    """A cross-process lock: an ``add`` that only one process wins.
+
+    A holder that died (SIGKILL, power loss) cannot release it: the lock expires after
+    ``timeout``, and a holder on this host whose process is gone is replaced at once.
+    """
     deadline = time.monotonic() + timeout
-    token = f"{os.getpid()}:{time.time()}"
+    token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
     while not cache.add(key, token, expire=timeout):
+        holder = cache.get(key)
+        if isinstance(holder, str) and _holder_is_dead(holder):
+            with cache.transact():
+                if cache.get(key) == holder:
+                    cache.delete(key)
+            continue
         if time.monotonic() > deadline:
             raise StoreError(f"timed out after {timeout:.0f}s waiting for store lock {key!r}")
         time.sleep(0.05)
     try:
         yield
     finally:
-        if cache.get(key) == token:
-            cache.delete(key)
+        with cache.transact():
+            if cache.get(key) == token:
+                cache.delete(key)
+
+
+def _holder_is_dead(holder: str) -> bool:
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,204 @@
+"""Store lifecycle: quota and eviction order, pins and TTLs, integrity, permissions, threads."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SYSTEM
+
+from prefixcache import DiskStore, Pin, QuotaExceededError, Segment
+from prefixcache.lifecycle import enforce_quota, pinned_keys
+from prefixcache.segment import checksum, root_key, segment_key
+
+ROOT = root_key("f" * 32)
+
+
+def put(store: DiskStore, parent: str, start: int, tokens: list[int], size: int = 1000) -> str:
+    """Store a segment with stand-in KV bytes (the store is bytes in, bytes out)."""
+    data = os.urandom(size)
+    key = segment_key(parent, tokens)
+    seg = Segment(
+        key=key,
+        parent=parent,
+        root=ROOT,
+        start=start,
+        tokens=tuple(tokens),
+        nbytes=size,
+        checksum=checksum(data),
+        fingerprint="f" * 32,
+        created=time.time(),
+    )
+    store.put(seg, data)
+    return key
+
+
+def test_segments_round_trip_and_puts_are_idempotent(tmp_path: Path):
+    store = DiskStore(tmp_path)
+    key = put(store, ROOT, 0, [1, 2, 3], size=300_000)
+    seg = store.get(key)
+    assert seg is not None and seg.end == 3
+    buf = bytearray(seg.nbytes)
+    store.read_kv(seg, memoryview(buf))
+    assert checksum(buf) == seg.checksum
+    assert not store.put(seg, buf)  # same key: stored once
+    assert store.total_bytes() == 300_000 and store.keys() == {key}
+
+
+def test_quota_evicts_lru_leaves_first_and_never_pins(tmp_path: Path):
+    store = DiskStore(tmp_path)
+    base = put(store, ROOT, 0, [1, 2])
+    pinned_leaf = put(store, base, 2, [3])
+    old_leaf = put(store, base, 2, [4])
+    mid = put(store, base, 2, [5])
+    new_leaf = put(store, mid, 3, [6])
+    store.set_pin(Pin("p", pinned_leaf, ROOT, 3, time.time()))
+    now = time.time()
+    for key, age in [(old_leaf, 300), (mid, 200), (new_leaf, 100)]:
+        store.touch(key, now - age)
+    result = enforce_quota(store, 3000, now)
+    # old_leaf goes first (least recent); mid has a child so new_leaf must go before it.
+    assert result.evicted == (old_leaf, new_leaf)
+    assert store.keys() == {base, pinned_leaf, mid}
+    result = enforce_quota(store, 1000, now)
+    assert result.evicted == (mid,)  # the pinned chain (base, pinned_leaf) stays over quota
+    assert store.keys() == {base, pinned_leaf}
+
+
+def test_expired_pins_become_ordinary_entries(tmp_path: Path):
+    store = DiskStore(tmp_path)
+    key = put(store, ROOT, 0, [1])
+    store.set_pin(Pin("p", key, ROOT, 1, time.time(), expires=time.time() + 0.2))
+    segments = {s.key: s for s in store.segments()}
+    assert pinned_keys(store, segments, time.time()) == {key}
+    assert enforce_quota(store, 0, time.time()).evicted == ()
+    time.sleep(0.3)
+    assert pinned_keys(store, segments, time.time()) == set()
+    assert enforce_quota(store, 0, time.time()).evicted == (key,)
+
+
+def test_store_files_are_user_only(tmp_path: Path):
+    store = DiskStore(tmp_path / "s")
+    put(store, ROOT, 0, [1], size=200_000)
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in files)
+
+
+def test_gc_reclaims_bytes_of_an_interrupted_write(tmp_path: Path):
+    store = DiskStore(tmp_path)
+    key = put(store, ROOT, 0, [1], size=200_000)
+    # What a process killed between writing the bytes and publishing the metadata leaves.
+    store._cache.set("kv:" + "0" * 64, b"x" * 200_000)
+    # What a process killed inside diskcache's file write leaves: a file without a row.
+    stray = tmp_path / "ab" / "cd"
+    stray.mkdir(parents=True)
+    (stray / "0123456789abcdef0123456789ab.val").write_bytes(b"y" * 1000)
+    report = store.gc()
+    assert report.orphans == 1
+    assert not (stray / "0123456789abcdef0123456789ab.val").exists()
+    assert store.keys() == {key} and store.total_bytes() == 200_000
+
+
+def test_unpickling_is_refused(tmp_path: Path):
+    store = DiskStore(tmp_path)
+    store._cache.set("seg:evil", b"")  # fine: bytes
+    from prefixcache import StoreError
+
+    with pytest.raises(StoreError, match="must be bytes or str"):
+        store._cache.set("doc:x", {"a": 1})
+    # A row that claims to be a pickle (written by something else) is never unpickled.
+    store._cache._sql(
+        "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
+        " size, mode, filename, value) VALUES ('doc:bad', 1, 0, NULL, 0, 0, NULL, 0, 4, NULL, ?)",
+        (b"cos\nsystem\n(S'echo pwned'\ntR.",),
+    )
+    with pytest.raises(StoreError, match="unpickle"):
+        store.get_doc("bad")
+
+
+# On the real model -------------------------------------------------------------------------
+
+
+def test_pinning_past_the_quota_is_a_clear_error(open_cache):
+    cache = open_cache(quota_gb=0.001)  # 1 MB: the system prompt needs several
+    with pytest.raises(QuotaExceededError, match="already pinned") as err:
+        cache.pin([SYSTEM], name="hw")
+    assert err.value.quota_bytes == 1_000_000 and err.value.needed_bytes > 1_000_000
+    assert cache.store.keys() == set() and cache.store.pins() == []  # nothing half-written
+
+
+def test_autosave_under_a_quota_evicts_but_keeps_the_pin(open_cache, cold_reply):
+    cache = open_cache(quota_gb=0.008)
+    info = cache.pin([SYSTEM], name="hw")
+    for i in range(4):
+        q = [SYSTEM, {"role": "user", "content": f"Question {i}: " + "tell me more " * 40}]
+        cache.chat(q, max_tokens=2, temperature=0)
+    assert cache.store.total_bytes() <= 8_000_000
+    assert info.key in cache.store.keys()
+    reply = open_cache(quota_gb=0.008).chat(
+        [SYSTEM, {"role": "user", "content": "Hi"}], max_tokens=16, temperature=0
+    )
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= info.n_tokens
+    assert reply["choices"][0]["message"]["content"] == cold_reply(
+        [SYSTEM, {"role": "user", "content": "Hi"}], max_tokens=16
+    )
+
+
+def test_quarantine_takes_descendants_along(open_cache, store):
+    cache = open_cache()
+    info = cache.pin([SYSTEM], name="hw")
+    cache.chat([SYSTEM, {"role": "user", "content": "child turn"}], max_tokens=2)
+    assert len(cache.store.keys()) == 2
+    seg = cache.store.get(info.key)
+    assert seg is not None
+    handle = cache.store._cache.get("kv:" + info.key, read=True)
+    path = Path(handle.name)
+    handle.close()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    fresh = open_cache()
+    fresh.chat([SYSTEM, {"role": "user", "content": "child turn"}], max_tokens=2)
+    assert info.key not in fresh.store.keys()
+    assert fresh.store.get_doc("quarantine")[info.key]["descendants"] == 1
+
+
+def test_threads_share_one_cache_safely(open_cache, cold_reply):
+    cache = open_cache()
+    cache.pin([SYSTEM], name="hw")
+    questions = [f"Do you sell item number {i}?" for i in range(4)]
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        reply = cache.chat(
+            [SYSTEM, {"role": "user", "content": questions[i]}], max_tokens=12, temperature=0
+        )
+        results[i] = reply["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, q in enumerate(questions):
+        assert results[i] == cold_reply([SYSTEM, {"role": "user", "content": q}], max_tokens=12)
+
+
+def test_cost_model_is_measured_and_sets_the_minimum_span(open_cache):
+    cache = open_cache()
+    cal = cache.calibrate(n_tokens=128)
+    assert cal.prefill_tokens_per_s > 10 and cal.restore_bytes_per_s > 1e7
+    assert 20_000 < cal.bytes_per_token < 26_000
+    assert 1 <= cal.min_span_tokens() < 64
+    # A machine where restoring is slower than prefilling would never autosave.
+    cal.restore_bytes_per_s = cal.bytes_per_token * cal.prefill_tokens_per_s / 2
+    assert cal.min_span_tokens() > 10**6
+    cache.chat([SYSTEM, {"role": "user", "content": "Hi"}], max_tokens=2)
+    assert cache.store.keys() == set()
+    doc = open_cache().calibration
+    assert doc.prefill_tokens_per_s > 10  # persisted for the next process and for status
