@@ -10,9 +10,9 @@ import sys
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent))
 
-from conftest import SYSTEM  # noqa: E402
+from conftest import SYSTEM
 
-from prefixcache import PrefixCache  # noqa: E402
+from prefixcache import PrefixCache
 
 
 def main() -> None:
