@@ -139,7 +139,7 @@ def test_autosave_under_a_quota_evicts_but_keeps_the_pin(open_cache, cold_reply)
         q = [SYSTEM, {"role": "user", "content": f"Question {i}: " + "tell me more " * 40}]
         cache.chat(q, max_tokens=2, temperature=0)
     assert cache.store.total_bytes() <= 8_000_000
-    assert info.key in cache.store.keys()
+    assert info.key in set(cache.store.keys())
     reply = open_cache(quota_gb=0.008).chat(
         [SYSTEM, {"role": "user", "content": "Hi"}], max_tokens=16, temperature=0
     )
@@ -164,7 +164,7 @@ def test_quarantine_takes_descendants_along(open_cache, store):
     path.write_bytes(bytes(data))
     fresh = open_cache()
     fresh.chat([SYSTEM, {"role": "user", "content": "child turn"}], max_tokens=2)
-    assert info.key not in fresh.store.keys()
+    assert info.key not in set(fresh.store.keys())
     assert fresh.store.get_doc("quarantine")[info.key]["descendants"] == 1
 
 

@@ -13,7 +13,20 @@ import time
 from prefixcache import PrefixCache, QuotaExceededError
 from prefixcache.lifecycle import enforce_quota
 
-WORDS = ["oak", "pine", "cedar", "birch", "maple", "walnut", "ash", "elm", "teak", "spruce", "fir", "larch"]
+WORDS = [
+    "oak",
+    "pine",
+    "cedar",
+    "birch",
+    "maple",
+    "walnut",
+    "ash",
+    "elm",
+    "teak",
+    "spruce",
+    "fir",
+    "larch",
+]
 
 
 def text(rng: random.Random, n: int) -> str:
