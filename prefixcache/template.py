@@ -29,7 +29,9 @@ Message = Mapping[str, Any]
 # Continuations used to find the boundary: different roles and different first characters, so
 # nothing that depends on what follows can survive in their common prefix.
 _PROBES = ("Zq9 probe", "7x probe")
-_PROBE_ROLES = ("user", "assistant", "system", "tool")
+# No "system" probe: tools given to a template that ignores them are folded in after the leading
+# system messages, so a following system message would move them (see messages_for).
+_PROBE_ROLES = ("user", "assistant", "tool")
 
 _CHAT_DEFAULTS = {
     name: p.default
