@@ -1,0 +1,543 @@
+"""A store shared by many workers and hosts: segments, pins and documents in Redis.
+
+Every key of one segment shares one hash tag, so a Redis Cluster keeps them in one slot and every
+multi-key step is a single-slot script::
+
+    {prefix}:{<segment key>}:meta            hash: segment JSON, nonce, part size
+    {prefix}:{<segment key>}:kv:<nonce>:<i>  KV bytes, cut in parts of ``part_bytes``
+
+The indexes live under their own fixed tag ``{prefix}:{idx}:…`` (the set of segment keys, the
+byte and generation counters, hits, last use, pins, documents, locks). A put writes its parts
+with a TTL under a nonce of its own, then one script checks their lengths, makes them permanent
+and creates the meta record only if it does not exist yet: a reader that sees the meta sees
+complete parts, concurrent writers of one key never overwrite each other's bytes, and the parts
+of a write cut short expire by themselves (gc() reclaims them sooner). Values are bytes and
+JSON; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.exceptions
+
+from ..errors import ConfigError, CorruptSegmentError, StoreError
+from ..segment import Pin, Segment, Usage
+from .base import GcReport
+from .disk import _holder_is_dead
+from .docs import decode_doc, encode_doc
+
+log = logging.getLogger(__name__)
+
+#: URL schemes that name a Redis server.
+SCHEMES = ("redis://", "rediss://", "unix://")
+#: KV bytes are written and read in parts of this size (a Redis string holds at most 512 MB).
+DEFAULT_PART_BYTES = 16 << 20
+#: Parts of an unpublished write expire after this long (a put takes far less).
+PART_TTL_S = 3600.0
+#: gc() leaves unpublished parts younger than this alone: their write may still be running.
+DEFAULT_ORPHAN_GRACE_S = 300.0
+DEFAULT_PREFIX = "pc"
+#: Query parameters of a store URL that are ours (the rest go to redis-py).
+OUR_PARAMS = ("prefix", "local", "cluster", "part_mb")
+_TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 30.0}
+
+#: Errors that mean "the server cannot be reached", as opposed to a refused command.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+)
+
+T = TypeVar("T")
+
+
+class StoreUnavailableError(StoreError):
+    """The Redis server cannot be reached (down, restarting, or the network is)."""
+
+
+# Publish one segment: parts complete -> persist them -> create the meta (only if absent).
+# KEYS: meta, part 0..n-1; ARGV: segment JSON, nonce, part bytes, total bytes.
+_PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local pb = tonumber(ARGV[3])
+local total = tonumber(ARGV[4])
+for i = 2, #KEYS do
+  if redis.call('STRLEN', KEYS[i]) ~= math.min(pb, total - (i - 2) * pb) then return -1 end
+end
+for i = 2, #KEYS do redis.call('PERSIST', KEYS[i]) end
+redis.call('HSET', KEYS[1], 'segment', ARGV[1], 'nonce', ARGV[2], 'part_bytes', ARGV[3])
+return 1
+"""
+
+# Remove one segment's meta and parts if the meta still has the nonce the caller read.
+# KEYS: meta, part 0..n-1; ARGV: nonce.
+_UNPUBLISH = """
+if redis.call('HGET', KEYS[1], 'nonce') ~= ARGV[1] then return 0 end
+redis.call('DEL', unpack(KEYS))
+return 1
+"""
+
+# KEYS: segments set, bytes, generation; ARGV: segment key, nbytes.
+_INDEX_ADD = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('INCRBY', KEYS[2], ARGV[2])
+redis.call('INCR', KEYS[3])
+return 1
+"""
+
+# KEYS: segments set, bytes, generation, hits, last use; ARGV: segment key, nbytes.
+_INDEX_REMOVE = """
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DECRBY', KEYS[2], ARGV[2])
+redis.call('INCR', KEYS[3])
+return 1
+"""
+
+# KEYS: lock; ARGV: token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split a store URL into the URL redis-py gets and our own options (prefix, local, …)."""
+    if not url.startswith(SCHEMES):
+        raise ConfigError(f"not a redis URL: {url!r} (expected redis://, rediss:// or unix://)")
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"malformed redis URL {redact(url)}: {exc}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"malformed redis URL {redact(url)}: no host")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"malformed redis URL {redact(url)}: no socket path")
+    ours: dict[str, str] = {}
+    rest = []
+    for name, value in query:
+        if name in OUR_PARAMS:
+            if name in ours:
+                raise ConfigError(f"redis URL {redact(url)} gives {name!r} twice")
+            ours[name] = value
+        else:
+            rest.append((name, value))
+    plain = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment))
+    return plain, ours
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+class RedisStore:
+    """Segments, pins and documents in one Redis database (or Cluster), shared by all workers.
+
+    Args:
+        url: ``redis://[user:pass@]host:port/db``, ``rediss://…`` or ``unix:///path.sock``, with
+            optional query parameters ``prefix`` (key namespace, default ``pc``), ``cluster``
+            (``1`` for Redis Cluster), ``part_mb`` (part size) and redis-py's own options
+            (``socket_timeout``, …). ``local`` is read by :func:`open_store`, ignored here.
+        orphan_grace: seconds gc() leaves unpublished parts alone (their write may be running).
+
+    Nothing is sent to the server until the first call. A server that cannot be reached raises
+    :class:`StoreUnavailableError`; any other Redis error raises :class:`StoreError`.
+    """
+
+    def __init__(self, url: str, *, orphan_grace: float = DEFAULT_ORPHAN_GRACE_S):
+        self.url = url
+        plain, ours = split_url(url)
+        self.prefix = ours.get("prefix", DEFAULT_PREFIX)
+        if not self.prefix or any(c in self.prefix for c in "{}*?[]\\ "):
+            raise ConfigError(
+                f"redis URL {redact(url)}: prefix {self.prefix!r} must be non-empty, without "
+                "braces, glob characters or spaces"
+            )
+        try:
+            self.part_bytes = int(float(ours.get("part_mb", DEFAULT_PART_BYTES / 2**20)) * 2**20)
+        except ValueError:
+            raise ConfigError(f"redis URL {redact(url)}: part_mb must be a number") from None
+        if not 1 <= self.part_bytes <= 512 << 20:
+            raise ConfigError(f"redis URL {redact(url)}: part_mb must be between 1 B and 512 MB")
+        self.cluster = ours.get("cluster", "0").lower() in ("1", "true", "yes")
+        self.orphan_grace = orphan_grace
+        # Timeouts in the URL override these defaults (redis-py lets URL options win).
+        cls: Any = redis.RedisCluster if self.cluster else redis.Redis
+        self._factory: Callable[[], Any] = lambda: cls.from_url(plain, **_TIMEOUTS)
+        self._client: Any = None
+        try:
+            if not self.cluster:  # RedisCluster connects in its constructor: wait for first use
+                self._client = self._factory()
+        except ValueError as exc:
+            raise ConfigError(f"malformed redis URL {redact(url)}: {exc}") from None
+        idx = f"{self.prefix}:{{idx}}:"
+        self._segs = idx + "segments"
+        self._bytes = idx + "bytes"
+        self._gen = idx + "generation"
+        self._hits = idx + "hits"
+        self._last = idx + "last_used"
+        self._pins = idx + "pins"
+        self._docs = idx + "docs"
+        self._locks = idx + "lock:"
+        # KEYS of the index scripts (_INDEX_ADD takes the first three).
+        self._index_keys = [self._segs, self._bytes, self._gen, self._hits, self._last]
+        self._scripts: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisStore({redact(self.url)!r})"
+
+    # plumbing -------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client (created on first use)."""
+        if self._client is None:
+            self._client = self._factory()
+        return self._client
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` translating redis-py errors into ours."""
+        try:
+            return fn(*args, **kwargs)
+        except UNREACHABLE as exc:
+            raise StoreUnavailableError(
+                f"redis at {redact(self.url)} is unreachable: {exc}"
+            ) from exc
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"redis at {redact(self.url)}: {exc}") from exc
+
+    def _run(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script (EVALSHA, loading it again after a server restart)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return self._call(script, keys=keys, args=args)
+
+    def _meta(self, key: str) -> str:
+        return f"{self.prefix}:{{{key}}}:meta"
+
+    def _part(self, key: str, nonce: str, i: int) -> str:
+        return f"{self.prefix}:{{{key}}}:kv:{nonce}:{i}"
+
+    def _parts(self, key: str, nonce: str, nbytes: int, part_bytes: int) -> list[str]:
+        return [self._part(key, nonce, i) for i in range(max(1, math.ceil(nbytes / part_bytes)))]
+
+    def segment_keys(self, key: str) -> list[str]:
+        """Every Redis key that holds the stored segment ``key`` now (its meta and parts)."""
+
+        def run() -> list[str]:
+            nonce, part_bytes, text = self.client.hmget(
+                self._meta(key), "nonce", "part_bytes", "segment"
+            )
+            if nonce is None:
+                return []
+            seg = Segment.from_json(text)
+            return [self._meta(key), *self._parts(key, nonce.decode(), seg.nbytes, int(part_bytes))]
+
+        return self._call(run)
+
+    def ping(self) -> None:
+        self._call(self.client.ping)
+
+    # segments -------------------------------------------------------------------------------
+
+    def put(self, seg: Segment, kv: Any) -> bool:
+        view = memoryview(kv).cast("B")
+        if len(view) != seg.nbytes:
+            raise StoreError(
+                f"segment {seg.key[:16]}: {len(view)} bytes, metadata says {seg.nbytes}"
+            )
+        meta = self._meta(seg.key)
+        if self._call(lambda: self.client.exists(meta)):
+            return False
+        nonce = uuid.uuid4().hex[:16]
+        parts = self._parts(seg.key, nonce, seg.nbytes, self.part_bytes)
+        self.write_parts(parts, view)
+        published = self._run(
+            _PUBLISH, [meta, *parts], [seg.to_json(), nonce, self.part_bytes, seg.nbytes]
+        )
+        if published != 1:
+            self._call(lambda: self.client.delete(*parts))
+            if published == 0:
+                return False  # another writer published it first
+            raise StoreError(f"segment {seg.key[:16]}: its parts vanished before publishing")
+        self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes])
+        return True
+
+    def write_parts(self, parts: list[str], view: memoryview) -> None:
+        """Write unpublished parts (each expires unless a publish makes it permanent)."""
+        ttl = int(PART_TTL_S * 1000)
+        for i, name in enumerate(parts):
+            chunk = view[i * self.part_bytes : (i + 1) * self.part_bytes]
+            # redis-py sends a memoryview as is, without copying it into the command buffer.
+            self._call(self.client.set, name, chunk, px=ttl)
+
+    def get(self, key: str) -> Segment | None:
+        text = self._call(lambda: self.client.hget(self._meta(key), "segment"))
+        return None if text is None else Segment.from_json(text)
+
+    def read_kv(self, seg: Segment, into: memoryview) -> None:
+        nonce, part_bytes = self._call(
+            lambda: self.client.hmget(self._meta(seg.key), "nonce", "part_bytes")
+        )
+        if nonce is None or part_bytes is None:
+            raise CorruptSegmentError(seg.key, "its KV bytes are missing")
+        size = int(part_bytes)
+        out = into.cast("B") if into.format != "B" else into
+        if len(out) < seg.nbytes:
+            raise StoreError(f"segment {seg.key[:16]}: buffer of {len(out)} < {seg.nbytes} bytes")
+        for i, name in enumerate(self._parts(seg.key, nonce.decode(), seg.nbytes, size)):
+            start = i * size
+            want = min(size, seg.nbytes - start)
+            data = self._call(self.client.get, name)
+            if data is None or len(data) != want:
+                found = "none" if data is None else len(data)
+                raise CorruptSegmentError(
+                    seg.key, f"KV part {i} has {found} bytes, expected {want}"
+                )
+            out[start : start + want] = data
+
+    def keys(self) -> set[str]:
+        return {k.decode() for k in self._call(lambda: self.client.smembers(self._segs))}
+
+    def segments(self) -> Iterator[Segment]:
+        keys = sorted(self.keys())
+        for i in range(0, len(keys), 256):
+            batch = keys[i : i + 256]
+
+            def fetch(batch: list[str] = batch) -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for key in batch:
+                    pipe.hget(self._meta(key), "segment")
+                return list(pipe.execute())
+
+            for key, text in zip(batch, self._call(fetch), strict=True):
+                if text is None:
+                    continue  # deleted since the listing
+                try:
+                    yield Segment.from_json(text)
+                except CorruptSegmentError as exc:
+                    log.warning("skipping unreadable segment record %s: %s", key, exc.reason)
+
+    def delete(self, key: str) -> int:
+        meta = self._meta(key)
+        nonce, part_bytes, text = self._call(
+            lambda: self.client.hmget(meta, "nonce", "part_bytes", "segment")
+        )
+        if nonce is None:
+            return 0
+        try:
+            nbytes = Segment.from_json(text).nbytes
+            parts = self._parts(key, nonce.decode(), nbytes, int(part_bytes))
+        except (CorruptSegmentError, TypeError, ValueError):
+            nbytes, parts = 0, []  # unreadable meta: gc() reclaims the parts it leaves
+        done = self._run(_UNPUBLISH, [meta, *parts], [nonce])
+        if done != 1:
+            return 0  # deleted (or replaced) by someone else meanwhile
+        self._run(_INDEX_REMOVE, self._index_keys, [key, nbytes])
+        return nbytes
+
+    def touch(self, key: str, now: float) -> None:
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hincrby(self._hits, key, 1)
+            pipe.hset(self._last, key, repr(now))
+            pipe.execute()
+
+        self._call(run)
+
+    def usage(self) -> dict[str, Usage]:
+        def run() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(self._hits)
+            pipe.hgetall(self._last)
+            hits, last = pipe.execute()
+            return hits, last
+
+        hits, last = self._call(run)
+        out: dict[str, Usage] = {}
+        for k in hits.keys() | last.keys():
+            try:
+                out[k.decode()] = Usage(int(hits.get(k, 0)), float(last.get(k, 0.0)))
+            except ValueError:
+                out[k.decode()] = Usage()
+        return out
+
+    # pins and documents ---------------------------------------------------------------------
+
+    def pins(self) -> list[Pin]:
+        out = []
+        for field, text in self._call(lambda: self.client.hgetall(self._pins)).items():
+            try:
+                out.append(Pin.from_json(text))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping unreadable pin record %s: %s", field, exc)
+        return out
+
+    def set_pin(self, pin: Pin) -> None:
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self._pins, f"{pin.root}:{pin.name}", pin.to_json())
+            pipe.incr(self._gen)
+            pipe.execute()
+
+        self._call(run)
+
+    def delete_pin(self, root: str, name: str) -> bool:
+        found = bool(self._call(lambda: self.client.hdel(self._pins, f"{root}:{name}")))
+        if found:
+            self._call(lambda: self.client.incr(self._gen))
+        return found
+
+    def get_doc(self, name: str) -> dict[str, Any] | None:
+        return decode_doc(self._call(lambda: self.client.hget(self._docs, name)))
+
+    def set_doc(self, name: str, doc: dict[str, Any]) -> None:
+        self._call(lambda: self.client.hset(self._docs, name, encode_doc(doc)))
+
+    # housekeeping ---------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        return int(self._call(lambda: self.client.get(self._gen)) or 0)
+
+    def total_bytes(self) -> int:
+        return int(self._call(lambda: self.client.get(self._bytes)) or 0)
+
+    def lock(self, name: str, timeout: float = 600.0) -> AbstractContextManager[None]:
+        return self._lock(self._locks + name, timeout)
+
+    @contextmanager
+    def _lock(self, key: str, timeout: float) -> Iterator[None]:
+        """SET NX PX with a token; released only by its holder (compare-and-delete).
+
+        A holder that died cannot release it: the lock expires after ``timeout``, and a holder
+        on this host whose process is gone is replaced at once.
+        """
+        deadline = time.monotonic() + timeout
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        px = max(1, int(timeout * 1000))
+        while not self._call(lambda: self.client.set(key, token, nx=True, px=px)):
+            holder = self._call(lambda: self.client.get(key))
+            if holder is not None and _holder_is_dead(holder.decode(errors="replace")):
+                self._run(_RELEASE, [key], [holder])
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(f"timed out after {timeout:.0f}s waiting for store lock {key!r}")
+            time.sleep(0.05)
+        try:
+            yield
+        finally:
+            self._run(_RELEASE, [key], [token])
+
+    def gc(self) -> GcReport:
+        """Index what a crash left unindexed, drop broken metas and stale parts, recount bytes.
+
+        Parts without a meta are removed once they are older than ``orphan_grace`` (younger
+        ones may belong to a write still running); permanent parts without a meta go at once.
+        """
+        broken = 0
+        indexed = self.keys()
+        found: dict[str, tuple[str, Segment]] = {}
+        for key in self._scan_keys(f"{self.prefix}:{{*}}:meta"):
+            seg_key = key[len(self.prefix) + 2 : -len("}:meta")]
+            meta = self._meta(seg_key)
+            nonce, part_bytes, text = self._call(
+                self.client.hmget, meta, "nonce", "part_bytes", "segment"
+            )
+            try:
+                seg = Segment.from_json(text)
+                if seg.key != seg_key or nonce is None or part_bytes is None:
+                    raise CorruptSegmentError(seg_key, "meta does not match its key")
+                parts = self._parts(seg_key, nonce.decode(), seg.nbytes, int(part_bytes))
+                lengths = self._strlens(parts)
+                sizes = [
+                    min(int(part_bytes), seg.nbytes - i * int(part_bytes))
+                    for i in range(len(parts))
+                ]
+                if lengths != sizes:
+                    raise CorruptSegmentError(seg_key, "KV parts are missing or short")
+            except (CorruptSegmentError, TypeError, ValueError) as exc:
+                log.warning("gc: removing broken segment %s: %s", seg_key[:16], exc)
+                # Only the meta read above (a concurrent re-put has another nonce); its parts,
+                # now named by no meta, are reclaimed below.
+                if nonce is None:
+                    self._call(self.client.delete, meta)
+                else:
+                    self._run(_UNPUBLISH, [meta], [nonce])
+                self._run(_INDEX_REMOVE, self._index_keys, [seg_key, 0])
+                broken += 1
+                continue
+            found[seg_key] = (nonce.decode(), seg)
+            if seg_key not in indexed:
+                # Published by a writer that died before indexing it.
+                self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes])
+        for stale in indexed - found.keys():
+            self._call(self.client.srem, self._segs, stale)
+        orphans, freed = self._reclaim_parts(found)
+        self._call(lambda: self.client.set(self._bytes, sum(s.nbytes for _, s in found.values())))
+        self._call(lambda: self.client.incr(self._gen))
+        return GcReport(orphans=orphans, broken=broken, bytes_freed=freed)
+
+    def _reclaim_parts(self, found: dict[str, tuple[str, Segment]]) -> tuple[int, int]:
+        """Delete parts that no meta names and that are past their grace period."""
+        orphans: set[tuple[str, str]] = set()
+        freed = 0
+        young_ms = (PART_TTL_S - self.orphan_grace) * 1000
+        for name in self._scan_keys(f"{self.prefix}:{{*}}:kv:*"):
+            head, _, rest = name[len(self.prefix) + 2 :].partition("}:kv:")
+            nonce = rest.partition(":")[0]
+            if found.get(head, ("",))[0] == nonce:
+                continue
+            # Re-read the meta: a write may have been published since the scan began.
+            current = self._call(self.client.hget, self._meta(head), "nonce")
+            if current is not None and current.decode() == nonce:
+                continue
+            ttl = self._call(self.client.pttl, name)
+            if ttl == -2 or (ttl >= 0 and ttl > young_ms):
+                continue  # gone already, or young: its write may be running
+            size = self._call(self.client.strlen, name)
+            if self._call(self.client.delete, name):
+                freed += int(size)
+                orphans.add((head, nonce))
+        return len(orphans), freed
+
+    def _strlens(self, names: list[str]) -> list[int]:
+        def run() -> list[int]:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.strlen(name)
+            return [int(n) for n in pipe.execute()]
+
+        return self._call(run)
+
+    def _scan_keys(self, pattern: str) -> list[str]:
+        return [
+            k.decode()
+            for k in self._call(lambda: list(self.client.scan_iter(match=pattern, count=1000)))
+        ]
+
+    def close(self) -> None:
+        if self._client is not None:
+            with suppress(redis.exceptions.RedisError):
+                self._client.close()
