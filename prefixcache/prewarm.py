@@ -120,9 +120,12 @@ def group_by_model(
     return groups
 
 
-def context_size(recipes: Sequence[Recipe], default: int = config.DEFAULT_N_CTX) -> int:
-    """A context that fits every recipe of a group: the largest ``n_ctx`` asked for."""
-    return max([default, *(r.n_ctx for r in recipes if r.n_ctx)])
+def context_size(recipes: Sequence[Recipe], override: int | None = None) -> int:
+    """The context for a group of recipes: ``override`` if given, else the largest ``n_ctx``
+    the recipes ask for, else the default."""
+    if override:
+        return override
+    return max((r.n_ctx for r in recipes if r.n_ctx), default=config.DEFAULT_N_CTX)
 
 
 ProgressFactory = Callable[[Recipe], Progress | None]

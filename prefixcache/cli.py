@@ -1,0 +1,638 @@
+"""The ``prefixcache`` command: a thin typer + rich layer over the library.
+
+Every command maps onto one library call (prewarm → ``prewarm.prewarm``, status/tree/verify/rm →
+``status``, chat → ``PrefixCache.chat``, serve → ``server.serve``). Errors print as one red line
+and exit with status 1; ``--verbose`` adds llama.cpp's logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from . import config
+from . import status as store_status
+from .cache import Calibration, PrefixCache
+from .errors import ConfigError, PrefixCacheError
+from .lifecycle import enforce_quota
+from .prewarm import PrewarmResult, context_size, group_by_model, prewarm
+from .recipes import Recipe, load_recipe, load_recipes, parse_duration
+from .store import Store, open_store
+
+app = typer.Typer(
+    name="prefixcache",
+    help="Pin, prewarm and restore llama.cpp KV prefixes for local LLM agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("prefixcache")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Options:
+    store: str | None = None
+    model: str | None = None
+    n_ctx: int | None = None
+    quota_gb: float | None = None
+    verbose: bool = False
+
+    @property
+    def quota_bytes(self) -> int | None:
+        return None if self.quota_gb is None else int(self.quota_gb * 1e9)
+
+
+def _options(ctx: typer.Context) -> Options:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Options) else Options()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            envvar=config.STORE_ENV,
+            help="Store directory or redis:// URL [default: the user cache dir].",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            envvar=config.MODEL_ENV,
+            help="GGUF model for recipes that name none [default: bundled SmolLM2].",
+            show_default=False,
+        ),
+    ] = None,
+    n_ctx: Annotated[
+        int | None,
+        typer.Option("--n-ctx", min=16, help="Context size [default: the recipes' n_ctx, 8192]."),
+    ] = None,
+    quota_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--quota-gb",
+            envvar="PREFIXCACHE_QUOTA_GB",
+            min=0.0,
+            help="Store size limit; unpinned segments are evicted LRU beyond it.",
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show llama.cpp logs and tracebacks.")
+    ] = False,
+) -> None:
+    """Pin, prewarm and restore llama.cpp KV prefixes for local LLM agents."""
+    ctx.obj = Options(store, model, n_ctx, quota_gb, verbose)
+    for handler in [h for h in log.handlers if isinstance(h, RichHandler)]:
+        log.removeHandler(handler)
+    log.addHandler(RichHandler(console=err_console, show_path=False, show_time=False))
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _handles_errors(fn: F) -> F:
+    """Turn library errors into one red line and exit status 1 (tracebacks only with -v)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = next((a for a in [*args, *kwargs.values()] if isinstance(a, typer.Context)), None)
+        verbose = _options(ctx).verbose if ctx else False
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+        except PrefixCacheError as exc:
+            if verbose:
+                err_console.print_exception()
+            err_console.print(Text(f"error: {exc}", style="red"), soft_wrap=True)
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            if verbose:
+                err_console.print_exception()
+            err_console.print(
+                Text(f"error: {type(exc).__name__}: {exc} (run with -v for details)", style="red"),
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --- shared helpers ----------------------------------------------------------------------------
+
+
+def _open_store(opts: Options) -> Store:
+    return open_store(opts.store)
+
+
+@contextmanager
+def _cache(opts: Options, model: Path, n_ctx: int, autosave: bool = True) -> Iterator[PrefixCache]:
+    with console.status(f"loading {model.name}", spinner="dots"):
+        cache = PrefixCache.open(
+            model,
+            opts.store,
+            n_ctx=n_ctx,
+            verbose=opts.verbose,
+            quota_gb=opts.quota_gb,
+            autosave=autosave,
+        )
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(nbytes) < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _ago(when: float | None) -> str:
+    return "—" if not when else _duration(max(0.0, time.time() - when)) + " ago"
+
+
+class _TokenRate(ProgressColumn):
+    """Tokens per second of a progress task."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.0f} tok/s", style="progress.data.speed")
+
+
+def _progress(quiet: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        _TokenRate(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=quiet,
+    )
+
+
+def _prewarm_group(
+    opts: Options, model: Path, recipes: list[Recipe], force: bool = False, quiet: bool = False
+) -> list[PrewarmResult]:
+    """Prewarm recipes that share a model, with one progress bar per recipe evaluated."""
+    results = []
+    n_ctx = context_size(recipes, opts.n_ctx)
+    with _cache(opts, model, n_ctx) as cache, _progress(quiet) as bars:
+        for recipe in recipes:
+            results.append(prewarm(cache, recipe, progress=_bar(bars, recipe.name), force=force))
+    return results
+
+
+def _bar(bars: Progress, name: str) -> Callable[[int, int], None]:
+    """A prewarm progress callback that adds its bar on first use (skipped recipes get none)."""
+    task = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bars.add_task(name, total=total)
+        bars.update(task, completed=done, total=total)
+
+    return advance
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@app.command("prewarm")
+@_handles_errors
+def prewarm_cmd(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Recipe files or folders of *.yaml recipes.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Pin again even what is stored and current.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Evaluate and store each recipe's prefix, skipping what is stored and current."""
+    opts = _options(ctx)
+    recipes = load_recipes(paths)
+    if not recipes:
+        raise ConfigError(f"no recipes (*.yaml) found in {', '.join(map(str, paths))}")
+    results: list[PrewarmResult] = []
+    for model, group in group_by_model(recipes, opts.model).items():
+        results += _prewarm_group(opts, model, group, force, quiet=as_json)
+    if as_json:
+        rows = [
+            {**asdict(r), "path": str(r.path), "reused_tokens": r.reused_tokens} for r in results
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="prewarm", title_justify="left")
+    table.add_column("recipe", no_wrap=True)
+    for col in ("tokens", "evaluated", "reused", "stored now", "time"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for r in results:
+        state = "current" if r.skipped else ("stored" if r.evaluated_tokens else "restored")
+        table.add_row(
+            r.recipe,
+            str(r.n_tokens),
+            str(r.evaluated_tokens),
+            str(r.reused_tokens),
+            f"{_size(r.new_bytes)} ({r.new_segments} seg)",
+            f"{r.seconds:.1f}s",
+            state if r.pinned else state + " (unpinned)",
+        )
+    console.print(table)
+
+
+@app.command("status")
+@_handles_errors
+def status_cmd(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Pinned prefixes, sizes, hits and the store's size against its quota."""
+    opts = _options(ctx)
+    store = _open_store(opts)
+    try:
+        report = store_status.collect(store, opts.quota_bytes)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    models = sorted({row.model for row in report.pins})
+    title = f"prefixcache store: {report.url}"
+    if len(models) == 1:
+        title += f" · model {models[0]}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("recipe", no_wrap=True)
+    for col in ("tokens", "bytes", "pinned", "TTL left", "hits", "last used"):
+        table.add_column(col, justify="right", no_wrap=True)
+    if len(models) > 1:
+        table.add_column("model", no_wrap=True)
+    for row in report.pins:
+        name = row.name if not row.namespace else f"{row.name} [dim]({row.namespace[:8]})[/]"
+        cells = [
+            name if row.stored else f"{name} [red](evicted)[/]",
+            str(row.tokens),
+            _size(row.bytes),
+            "yes" if row.pinned else "[yellow]expired[/]",
+            _duration(row.ttl_left_s) if row.pinned else "—",
+            str(row.hits),
+            _ago(row.last_used),
+        ]
+        table.add_row(*cells, *([row.model] if len(models) > 1 else []))
+    quota = "no quota" if report.quota_bytes is None else f"quota {_size(report.quota_bytes)}"
+    table.caption = (
+        f"{report.segments} segments, {report.tokens} tokens, {_size(report.bytes)} "
+        f"({_size(report.pinned_bytes)} pinned, {_size(report.autosaved_bytes)} in "
+        f"{report.autosaved_segments} unpinned) · {quota}"
+        + (f" · {report.quarantined} quarantined" if report.quarantined else "")
+    )
+    table.caption_justify = "left"
+    console.print(table)
+    if report.models:
+        figures = Table(title="cost model, measured on this machine", title_justify="left")
+        figures.add_column("model", overflow="fold")
+        for col in ("prefill", "restore", "KV/token", "min span saved"):
+            figures.add_column(col, justify="right", no_wrap=True)
+        for m in report.models:
+            cal = Calibration(
+                prefill_tokens_per_s=m.prefill_tokens_per_s,
+                restore_bytes_per_s=m.restore_bytes_per_s,
+                bytes_per_token=m.bytes_per_token,
+            )
+            figures.add_row(
+                m.model,
+                f"{m.prefill_tokens_per_s:.0f} tok/s" if m.prefill_tokens_per_s else "—",
+                f"{m.restore_bytes_per_s / 1e9:.2f} GB/s" if m.restore_bytes_per_s else "—",
+                _size(m.bytes_per_token) if m.bytes_per_token else "—",
+                f"{cal.min_span_tokens()} tokens",
+            )
+        console.print(figures)
+
+
+@app.command("tree")
+@_handles_errors
+def tree_cmd(ctx: typer.Context) -> None:
+    """The radix tree of stored segments: shared prefixes are shared branches."""
+    store = _open_store(_options(ctx))
+    try:
+        roots = store_status.tree(store)
+        top = Tree(f"[bold]{store.url}[/]")
+        for root, nodes in roots.items():
+            first = nodes[0].segment
+            model = store_status.model_name(store, first.fingerprint)
+            ns = f" namespace {first.namespace[:8]}" if first.namespace else ""
+            branch = top.add(f"[bold]{model}[/]{ns} [dim]{root[:12]}[/]")
+            for node in nodes:
+                _add_branch(branch, node)
+    finally:
+        store.close()
+    if not roots:
+        top.add("[dim](empty)[/]")
+    console.print(top)
+
+
+def _add_branch(parent: Tree, node: store_status.TreeNode) -> None:
+    seg = node.segment
+    pins = f" [green]📌 {', '.join(node.pins)}[/]" if node.pins else ""
+    label = f" [dim]{seg.label}[/]" if seg.label and not node.pins else ""
+    branch = parent.add(
+        f"[{seg.start}, {seg.end}) {len(seg.tokens)} tok · {_size(seg.nbytes)} · "
+        f"{node.hits} hits{pins}{label}"
+    )
+    for child in node.children:
+        _add_branch(branch, child)
+
+
+@app.command("verify")
+@_handles_errors
+def verify_cmd(
+    ctx: typer.Context,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="Remove corrupt segments and their descendants.")
+    ] = False,
+) -> None:
+    """Check the checksum and fingerprint of everything stored."""
+    store = _open_store(_options(ctx))
+    try:
+        checked, problems = store_status.verify(store, fix=fix)
+    finally:
+        store.close()
+    if problems:
+        table = Table(title="problems", title_justify="left")
+        for col in ("segment", "label", "problem", "detail"):
+            table.add_column(col)
+        for p in problems:
+            table.add_row(p.key[:16], p.label, p.kind, p.detail)
+        console.print(table)
+    bad = [p for p in problems if p.kind != "fingerprint"]
+    stale = len(problems) - len(bad)
+    summary = f"{checked} segments checked: {len(bad)} corrupt or orphaned, {stale} not usable here"
+    if bad and not fix:
+        err_console.print(
+            Text(f"error: {summary}; run verify --fix to remove them", style="red"), soft_wrap=True
+        )
+        raise typer.Exit(1)
+    console.print(summary + (" (removed)" if bad else ""))
+
+
+@app.command("pin")
+@_handles_errors
+def pin_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A stored prefix (recipe name).")],
+    ttl: Annotated[
+        str | None, typer.Option("--ttl", help="Keep it pinned this long: 90s, 12h, 7d.")
+    ] = None,
+) -> None:
+    """Pin a stored prefix again (after unpin, or when its TTL ran out)."""
+    opts = _options(ctx)
+    seconds = parse_duration(ttl)
+    store = _open_store(opts)
+    try:
+        if not store_status.repin(store, name, seconds, opts.quota_bytes):
+            raise ConfigError(f"no stored prefix called {name!r}: prewarm its recipe first")
+    finally:
+        store.close()
+    console.print(f"pinned {name}" + (f" for {_duration(seconds)}" if seconds else ""))
+
+
+@app.command("unpin")
+@_handles_errors
+def unpin_cmd(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="A pinned prefix.")]
+) -> None:
+    """Unpin a prefix: its segments stay, as ordinary LRU entries."""
+    store = _open_store(_options(ctx))
+    try:
+        if not store_status.unpin(store, name):
+            raise ConfigError(f"no pin called {name!r} (see prefixcache status)")
+    finally:
+        store.close()
+    console.print(f"unpinned {name}")
+
+
+@app.command("rm")
+@_handles_errors
+def rm_cmd(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(help="Stored prefixes (recipe names).")],
+) -> None:
+    """Remove stored prefixes and the segments only they use."""
+    store = _open_store(_options(ctx))
+    try:
+        for name in names:
+            removal = store_status.remove(store, name)
+            if not removal.pins:
+                raise ConfigError(f"no stored prefix called {name!r} (see prefixcache status)")
+            console.print(
+                f"removed {name}: {removal.segments} segments, {_size(removal.bytes_freed)} freed"
+            )
+    finally:
+        store.close()
+
+
+@app.command("gc")
+@_handles_errors
+def gc_cmd(ctx: typer.Context) -> None:
+    """Reclaim what interrupted writes left, and evict down to the quota."""
+    opts = _options(ctx)
+    store = _open_store(opts)
+    try:
+        report = store.gc()
+        eviction = enforce_quota(store, opts.quota_bytes, time.time())
+    finally:
+        store.close()
+    console.print(
+        f"gc: {report.orphans} orphaned writes and {report.broken} broken segments removed, "
+        f"{_size(report.bytes_freed)} freed; evicted {len(eviction.evicted)} segments "
+        f"({_size(eviction.bytes_freed)}); store holds {_size(eviction.total_bytes)}"
+    )
+
+
+def _find_recipe(spec: str) -> Recipe:
+    path = Path(spec)
+    if not path.exists() and not path.suffix:
+        for candidate in (Path("recipes") / f"{spec}.yaml", Path("recipes") / f"{spec}.yml"):
+            if candidate.exists():
+                path = candidate
+                break
+    if not path.exists():
+        raise ConfigError(f"no recipe {spec!r}: give a recipe file or a name in ./recipes/")
+    return load_recipe(path)
+
+
+@app.command("chat")
+@_handles_errors
+def chat_cmd(
+    ctx: typer.Context,
+    recipe_spec: Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe file or name.")],
+    messages: Annotated[
+        list[str] | None,
+        typer.Option("--message", "-m", help="Say this and exit (repeat for several turns)."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Reply length limit.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+) -> None:
+    """Chat from a recipe's pinned prefix; shows cached vs newly evaluated tokens per turn."""
+    opts = _options(ctx)
+    recipe = _find_recipe(recipe_spec)
+    model = next(iter(group_by_model([recipe], opts.model)))
+    n_ctx = context_size([recipe], opts.n_ctx)
+    with _cache(opts, model, n_ctx, autosave=recipe.autosave) as cache:
+        with _progress() as bars:
+            prewarm(cache, recipe, progress=_bar(bars, recipe.name))
+        history: list[dict[str, Any]] = list(recipe.messages)
+        scripted = list(messages or [])
+        interactive = not scripted
+        if interactive:
+            console.print(f"[dim]chatting with {recipe.name}; an empty line or Ctrl-D ends[/]")
+        while True:
+            if interactive:
+                try:
+                    text = console.input("[bold cyan]you>[/] ")
+                except EOFError:
+                    break
+            elif scripted:
+                text = scripted.pop(0)
+                console.print(f"[bold cyan]you>[/] {text}")
+            else:
+                break
+            if not text.strip():
+                break
+            history.append({"role": "user", "content": text})
+            reply = _chat_turn(cache, recipe, history, max_tokens, temperature)
+            history.append({"role": "assistant", "content": reply})
+
+
+def _chat_turn(
+    cache: PrefixCache,
+    recipe: Recipe,
+    history: list[dict[str, Any]],
+    max_tokens: int,
+    temperature: float,
+) -> str:
+    t0 = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
+    console.print(f"[bold green]{recipe.name}>[/] ", end="")
+    for chunk in cache.chat(
+        history,
+        tools=recipe.tools or None,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=max_tokens,
+        temperature=temperature,
+    ):
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices", []):
+            piece = choice.get("delta", {}).get("content")
+            if piece:
+                first = first or time.perf_counter()
+                parts.append(piece)
+                console.out(piece, end="", highlight=False)
+    console.print()
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    prompt = usage.get("prompt_tokens", 0)
+    ttft = (first or time.perf_counter()) - t0
+    console.print(
+        f"[dim]cached {cached} tokens · evaluated {prompt - cached} new · "
+        f"first token {ttft:.2f}s · {usage.get('completion_tokens', 0)} generated[/]"
+    )
+    return "".join(parts)
+
+
+@app.command("serve")
+@_handles_errors
+def serve_cmd(
+    ctx: typer.Context,
+    recipes: Annotated[
+        list[Path] | None,
+        typer.Option("--recipes", "-r", help="Recipe files or folders to prewarm and watch."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_keys: Annotated[
+        list[str] | None,
+        typer.Option("--api-key", help="Require this bearer key (repeatable; one namespace each)."),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests that may wait; beyond it: HTTP 429.")
+    ] = 8,
+) -> None:
+    """An OpenAI-compatible HTTP server with the prefix cache built in."""
+    opts = _options(ctx)
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise ConfigError(
+            f"the server needs its extra: pip install 'prefixcache[server]' ({exc})"
+        ) from exc
+    serve(
+        list(recipes or []),
+        model=opts.model,
+        store=opts.store,
+        host=host,
+        port=port,
+        api_keys=list(api_keys or []),
+        n_ctx=opts.n_ctx,
+        max_queue=max_queue,
+        quota_gb=opts.quota_gb,
+        verbose=opts.verbose,
+    )
+
+
+if __name__ == "__main__":
+    app()
