@@ -55,7 +55,7 @@ def default_local_tier(url: str) -> Path:
 def _open_redis(url: str) -> Store:
     try:
         from .redis import RedisStore, redact, split_url
-        from .tiered import TieredStore
+        from .tiered import DEFAULT_RETRY_AFTER_S, TieredStore
     except ImportError as exc:  # the optional dependency
         raise ConfigError(
             f"redis stores need the redis package: pip install 'prefixcache[redis]' ({exc})"
@@ -67,7 +67,11 @@ def _open_redis(url: str) -> Store:
         return remote
     if local == "":
         raise ConfigError(f"redis URL {redact(url)}: local= needs a directory or 'none'")
-    return TieredStore(DiskStore(local or default_local_tier(url)), remote)
+    try:
+        retry_after = float(ours.get("retry_after", DEFAULT_RETRY_AFTER_S))
+    except ValueError:
+        raise ConfigError(f"redis URL {redact(url)}: retry_after must be seconds") from None
+    return TieredStore(DiskStore(local or default_local_tier(url)), remote, retry_after=retry_after)
 
 
 __all__ = ["DiskStore", "GcReport", "Store", "default_local_tier", "open_store"]

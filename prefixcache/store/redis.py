@@ -30,6 +30,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..errors import ConfigError, CorruptSegmentError, StoreError
 from ..segment import Pin, Segment, Usage
@@ -49,7 +51,10 @@ PART_TTL_S = 3600.0
 DEFAULT_ORPHAN_GRACE_S = 300.0
 DEFAULT_PREFIX = "pc"
 #: Query parameters of a store URL that are ours (the rest go to redis-py).
-OUR_PARAMS = ("prefix", "local", "cluster", "part_mb")
+OUR_PARAMS = ("prefix", "local", "cluster", "part_mb", "retry_after")
+#: Fail fast when the server is gone (a TieredStore then falls back to its local tier): short
+#: connect timeout, and one immediate retry (for a pooled connection the server has closed)
+#: instead of redis-py's default backoff of several seconds. Timeouts in the URL win.
 _TIMEOUTS = {"socket_connect_timeout": 2.0, "socket_timeout": 30.0}
 
 #: Errors that mean "the server cannot be reached", as opposed to a refused command.
@@ -184,7 +189,9 @@ class RedisStore:
         self.orphan_grace = orphan_grace
         # Timeouts in the URL override these defaults (redis-py lets URL options win).
         cls: Any = redis.RedisCluster if self.cluster else redis.Redis
-        self._factory: Callable[[], Any] = lambda: cls.from_url(plain, **_TIMEOUTS)
+        self._factory: Callable[[], Any] = lambda: cls.from_url(
+            plain, retry=Retry(NoBackoff(), 1), **_TIMEOUTS
+        )
         self._client: Any = None
         try:
             if not self.cluster:  # RedisCluster connects in its constructor: wait for first use
@@ -240,7 +247,9 @@ class RedisStore:
     def _part(self, key: str, nonce: str, i: int) -> str:
         return f"{self.prefix}:{{{key}}}:kv:{nonce}:{i}"
 
-    def _parts(self, key: str, nonce: str, nbytes: int, part_bytes: int) -> list[str]:
+    def part_names(self, key: str, nonce: str, nbytes: int, part_bytes: int = 0) -> list[str]:
+        """Names of the KV parts of one write of segment ``key`` (``nonce`` names the write)."""
+        part_bytes = part_bytes or self.part_bytes
         return [self._part(key, nonce, i) for i in range(max(1, math.ceil(nbytes / part_bytes)))]
 
     def segment_keys(self, key: str) -> list[str]:
@@ -253,7 +262,10 @@ class RedisStore:
             if nonce is None:
                 return []
             seg = Segment.from_json(text)
-            return [self._meta(key), *self._parts(key, nonce.decode(), seg.nbytes, int(part_bytes))]
+            return [
+                self._meta(key),
+                *self.part_names(key, nonce.decode(), seg.nbytes, int(part_bytes)),
+            ]
 
         return self._call(run)
 
@@ -272,7 +284,7 @@ class RedisStore:
         if self._call(lambda: self.client.exists(meta)):
             return False
         nonce = uuid.uuid4().hex[:16]
-        parts = self._parts(seg.key, nonce, seg.nbytes, self.part_bytes)
+        parts = self.part_names(seg.key, nonce, seg.nbytes, self.part_bytes)
         self.write_parts(parts, view)
         published = self._run(
             _PUBLISH, [meta, *parts], [seg.to_json(), nonce, self.part_bytes, seg.nbytes]
@@ -307,7 +319,7 @@ class RedisStore:
         out = into.cast("B") if into.format != "B" else into
         if len(out) < seg.nbytes:
             raise StoreError(f"segment {seg.key[:16]}: buffer of {len(out)} < {seg.nbytes} bytes")
-        for i, name in enumerate(self._parts(seg.key, nonce.decode(), seg.nbytes, size)):
+        for i, name in enumerate(self.part_names(seg.key, nonce.decode(), seg.nbytes, size)):
             start = i * size
             want = min(size, seg.nbytes - start)
             data = self._call(self.client.get, name)
@@ -349,7 +361,7 @@ class RedisStore:
             return 0
         try:
             nbytes = Segment.from_json(text).nbytes
-            parts = self._parts(key, nonce.decode(), nbytes, int(part_bytes))
+            parts = self.part_names(key, nonce.decode(), nbytes, int(part_bytes))
         except (CorruptSegmentError, TypeError, ValueError):
             nbytes, parts = 0, []  # unreadable meta: gc() reclaims the parts it leaves
         done = self._run(_UNPUBLISH, [meta, *parts], [nonce])
@@ -469,7 +481,7 @@ class RedisStore:
                 seg = Segment.from_json(text)
                 if seg.key != seg_key or nonce is None or part_bytes is None:
                     raise CorruptSegmentError(seg_key, "meta does not match its key")
-                parts = self._parts(seg_key, nonce.decode(), seg.nbytes, int(part_bytes))
+                parts = self.part_names(seg_key, nonce.decode(), seg.nbytes, int(part_bytes))
                 lengths = self._strlens(parts)
                 sizes = [
                     min(int(part_bytes), seg.nbytes - i * int(part_bytes))

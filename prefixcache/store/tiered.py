@@ -88,7 +88,7 @@ class TieredStore:
             self._epoch += 1
         log.warning(
             "shared store %s is unreachable (%s); carrying on with the local tier %s and "
-            "retrying every %.0fs",
+            "retrying every %gs",
             redact(self.remote.url),
             exc.__cause__ or exc,
             self.local.url,
