@@ -11,6 +11,7 @@ and says once when it is back. Connection errors never reach the cache.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_AFTER_S = 3.0
 #: generation() adds the outage epoch times this, so that switching tiers always changes it.
 _EPOCH_STRIDE = 1 << 40
+#: Segments fetched from the remote wait at most this many at a time for their local copy.
+_WRITE_BACK_QUEUE = 4
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -54,6 +57,8 @@ class TieredStore:
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._epoch = 0  # bumped whenever the remote goes down or comes back
+        self._pending: queue.Queue[tuple[Segment, bytes] | None] = queue.Queue(_WRITE_BACK_QUEUE)
+        self._writer: threading.Thread | None = None
         self._try(remote.ping)  # an unreachable server is reported at open, not first use
 
     def __repr__(self) -> str:
@@ -132,13 +137,35 @@ class TieredStore:
             return
         if self._try(self.remote.read_kv, seg, into) is _MISSING:
             raise CorruptSegmentError(seg.key, "the shared store became unreachable")
-        # Keep a copy here (the cache checks the checksum; a bad copy is deleted with the rest).
+        # Keep a copy here, written by a background thread: writing it now would about double
+        # the time to first token. (The cache checks the checksum; a bad copy is deleted with
+        # the rest.) When copies queue up, this one is skipped: the next read fetches it again.
         try:
-            if mine is not None:
-                self.local.delete(seg.key)  # another writer's bytes for the same tokens
-            self.local.put(seg, into[: seg.nbytes])
-        except StoreError as exc:
-            log.warning("cannot keep segment %s in the local tier: %s", seg.key[:16], exc)
+            self._pending.put_nowait((seg, bytes(into[: seg.nbytes])))
+        except queue.Full:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_back, name="prefixcache-write-back", daemon=True
+            )
+            self._writer.start()
+
+    def _write_back(self) -> None:
+        while (item := self._pending.get()) is not None:
+            seg, data = item
+            try:
+                mine = self.local.get(seg.key)
+                if mine is not None and mine.checksum != seg.checksum:
+                    self.local.delete(seg.key)  # another writer's bytes for the same tokens
+                self.local.put(seg, data)
+            except StoreError as exc:
+                log.warning("cannot keep segment %s in the local tier: %s", seg.key[:16], exc)
+            finally:
+                self._pending.task_done()
+
+    def flush(self) -> None:
+        """Wait until the segments fetched from the remote are written to the local tier."""
+        self._pending.join()
 
     def keys(self) -> set[str]:
         return self._read(self.remote.keys, self.local.keys)
@@ -222,6 +249,7 @@ class TieredStore:
 
     def gc(self) -> GcReport:
         """gc() on both tiers, and drop local copies of segments the remote no longer has."""
+        self.flush()
         shared = self._try(self.remote.gc)
         stale = 0
         if shared is not _MISSING:
@@ -240,5 +268,9 @@ class TieredStore:
         )
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._pending.put(None)
+            self._writer.join()
+            self._writer = None
         self.local.close()
         self.remote.close()

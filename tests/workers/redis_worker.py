@@ -59,6 +59,9 @@ def main() -> None:
                 temperature=0,
             )
             after = cache.stats()
+            # Segments fetched from Redis are copied to the local tier in the background: wait,
+            # so that what the next command finds there does not depend on timing.
+            getattr(cache.store, "flush", lambda: None)()
             out = {
                 "content": reply["choices"][0]["message"]["content"],
                 "cached": reply["usage"]["prompt_tokens_details"]["cached_tokens"],
