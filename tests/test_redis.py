@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import select
 import shutil
 import signal
@@ -41,16 +42,28 @@ WORKER = Path(__file__).parent / "workers" / "redis_worker.py"
 RECIPE = Path(__file__).parent.parent / "recipes" / "support-bot.yaml"
 
 
-def _free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(1000):
+        port = random.randrange(20000, 50000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair found")
 
 
 class RedisServer:
     """A real redis-server on loopback, started and killed by the test."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *options: str):
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.access(binary, os.X_OK):
             pytest.fail(
@@ -60,19 +73,18 @@ class RedisServer:
         self.binary = binary
         self.port = _free_port()
         self.workdir = workdir
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        args += ["no", "--daemonize", "no", "--maxmemory-policy", "noeviction"]
-        self.proc = subprocess.Popen(
-            [self.binary, *args],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args += ["no", "--daemonize", "no", "--maxmemory-policy", "noeviction", *self.options]
+        with (self.workdir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, *args], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
+            )
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -81,7 +93,10 @@ class RedisServer:
                 break
             except redis.exceptions.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                    log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(
+                        f"redis-server did not start on {self.port}:\n{log}"
+                    ) from None
                 time.sleep(0.02)
         client.close()
 
@@ -326,6 +341,63 @@ def test_every_key_of_a_segment_maps_to_one_cluster_slot(server: RedisServer, rs
     assert all(len(s) == 1 for s in slots.values()), slots
     assert sum(1 for n in written if ":kv:" in n) == 3 * 3  # three parts each
     assert len({next(iter(s)) for s in slots.values()}) > 1  # segments spread over slots
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    """Three real redis-server nodes joined into a Redis Cluster (no replicas)."""
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    if not os.access(cli, os.X_OK):
+        pytest.fail("redis-cli is not installed (it comes with apt-get install redis-server)")
+    nodes: list[RedisServer] = []
+    try:
+        for i in range(3):
+            conf = f"nodes-{i}.conf"
+            nodes.append(
+                RedisServer(
+                    tmp_path / f"node{i}", "--cluster-enabled", "yes", "--cluster-config-file", conf
+                )
+            )
+        addresses = [f"127.0.0.1:{n.port}" for n in nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 10
+        while any(
+            n.client().execute_command("CLUSTER INFO")["cluster_state"] != "ok" for n in nodes
+        ):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.05)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_store_works_on_a_redis_cluster(cluster: list[RedisServer]):
+    store = RedisStore(cluster[0].url(cluster="1", part_mb="0.25"), orphan_grace=0)
+    segs = [make_segment(ROOT, 0, [i], 600_000) for i in range(6)]
+    for seg, data in segs:
+        assert store.put(seg, data)
+    assert store.keys() == {s.key for s, _ in segs}
+    assert all(read(store, seg) == data for seg, data in segs)
+    assert len(list(store.segments())) == 6 and store.total_bytes() == 6 * 600_000
+    # The segments spread over the nodes: every multi-key step stayed in one slot.
+    assert sum(1 for n in cluster if n.client().dbsize() > 0) >= 2
+    store.set_pin(Pin("p", segs[0][0].key, ROOT, 1, time.time()))
+    store.touch(segs[1][0].key, time.time())
+    with store.lock("evict", timeout=5):
+        pass
+    store.write_parts(store.part_names(segs[1][0].key, "dead", 600_000), memoryview(segs[1][1]))
+    assert store.gc().orphans == 1
+    evicted = enforce_quota(store, 2 * 600_000, time.time()).evicted
+    assert len(evicted) == 4 and segs[0][0].key not in evicted
+    remaining = store.keys()
+    assert segs[0][0].key in remaining and len(remaining) == 2
+    assert store.total_bytes() == 1_200_000
 
 
 def test_prefix_keeps_two_stores_apart(server: RedisServer):
