@@ -91,6 +91,8 @@ class RedisServer:
             try:
                 client.ping()
                 break
+            except redis.exceptions.AuthenticationError:
+                break  # up, and wants a password
             except redis.exceptions.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
@@ -174,7 +176,7 @@ def test_segments_round_trip_in_parts(rstore: RedisStore, size: int):
     assert rstore.keys() == {seg.key}
     assert [s.key for s in rstore.segments()] == [seg.key]
     assert rstore.total_bytes() == size
-    assert rstore.generation() == gen + 1
+    assert rstore.generation() == gen + 1  # what the cache expects after one new segment
     parts = [k for k in rstore.segment_keys(seg.key) if ":kv:" in k]
     assert len(parts) == -(-size // (256 * 1024))
 
@@ -196,7 +198,8 @@ def test_puts_are_idempotent_even_when_racing(server: RedisServer, rstore: Redis
         t.join()
     assert sorted(results) == [False] * 7 + [True]
     assert not rstore.put(seg, data)
-    assert rstore.total_bytes() == 600_000 and rstore.generation() == 1
+    assert rstore.total_bytes() == 600_000
+    assert int(server.client().get("pc:{idx}:generation")) == 1
     # The losers removed their parts: only the published write's keys remain.
     assert segment_records(server) == set(rstore.segment_keys(seg.key))
     assert read(rstore, seg) == data
@@ -252,6 +255,16 @@ def test_gc_indexes_a_segment_published_by_a_writer_that_died(
     assert rstore.gc().broken == 0
     assert rstore.keys() == {key} and rstore.total_bytes() == 3000
     assert rstore.generation() > gen
+
+
+def test_generation_changes_when_the_server_starts_over(server: RedisServer, rstore: RedisStore):
+    put(rstore, ROOT, 0, [1])
+    before = rstore.generation()
+    server.client().flushall()  # or a restart without persistence
+    assert rstore.generation() != before
+    put(rstore, ROOT, 0, [2])
+    assert int(server.client().get("pc:{idx}:generation")) == 1  # the counter starts over
+    assert rstore.generation() != before
 
 
 def test_pins_docs_usage_and_delete(rstore: RedisStore):
@@ -471,6 +484,34 @@ def test_tiers_read_through_and_write_through(server: RedisServer, tmp_path: Pat
     remote.delete(seg.key)
     tiered.gc()
     assert tiered.local.keys() == set()
+
+
+def test_a_damaged_local_copy_is_fetched_again_not_quarantined(
+    server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    tiered = TieredStore(DiskStore(tmp_path / "tier"), RedisStore(server.url()))
+    seg, data = make_segment(ROOT, 0, [1, 2], 300_000)
+    tiered.put(seg, data)
+    tiered.local.delete(seg.key)
+    tiered.local.put(seg, os.urandom(seg.nbytes))  # same metadata, rotten bytes
+    assert read(tiered, seg) == data
+    assert any("dropping the local copy" in r.getMessage() for r in caplog.records)
+    assert tiered.get(seg.key) == seg  # still stored, for everyone
+    tiered.flush()
+    assert read(tiered.local, seg) == data  # and repaired here
+
+
+def test_wrong_credentials_are_an_error_not_an_outage(tmp_path: Path):
+    server = RedisServer(tmp_path / "redis", "--requirepass", "right")
+    try:
+        url = f"redis://:Guess1234@127.0.0.1:{server.port}/0?local={tmp_path / 'tier'}"
+        with pytest.raises(StoreError, match="credentials") as caught:
+            open_store(url)
+        assert "Guess1234" not in str(caught.value)  # passwords stay out of messages
+        good = open_store(url.replace("Guess1234", "right"))
+        assert isinstance(good, TieredStore) and good.remote_up
+    finally:
+        server.kill()
 
 
 def test_tiers_survive_an_outage_with_one_warning(

@@ -23,6 +23,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, TypeVar
@@ -202,6 +203,7 @@ class RedisStore:
         self._segs = idx + "segments"
         self._bytes = idx + "bytes"
         self._gen = idx + "generation"
+        self._dataset = idx + "dataset"
         self._hits = idx + "hits"
         self._last = idx + "last_used"
         self._pins = idx + "pins"
@@ -227,6 +229,9 @@ class RedisStore:
         """Run ``fn(*args, **kwargs)`` translating redis-py errors into ours."""
         try:
             return fn(*args, **kwargs)
+        except redis.exceptions.AuthenticationError as exc:
+            # A ConnectionError to redis-py, but a setting to fix, not an outage to ride out.
+            raise StoreError(f"redis at {redact(self.url)} refused the credentials: {exc}") from exc
         except UNREACHABLE as exc:
             raise StoreUnavailableError(
                 f"redis at {redact(self.url)} is unreachable: {exc}"
@@ -431,7 +436,25 @@ class RedisStore:
     # housekeeping ---------------------------------------------------------------------------
 
     def generation(self) -> int:
-        return int(self._call(lambda: self.client.get(self._gen)) or 0)
+        """The generation counter, tagged with the id of this dataset.
+
+        A server that restarted empty (or was flushed) counts from zero again; the id, created
+        with the first call after that, makes sure the value still differs from every value
+        seen before, so that every cache rebuilds its index.
+        """
+
+        def run() -> tuple[bytes | None, bytes]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self._gen)
+            pipe.get(self._dataset)
+            gen, dataset = pipe.execute()
+            if dataset is None:
+                self.client.set(self._dataset, uuid.uuid4().hex, nx=True)
+                dataset = self.client.get(self._dataset)
+            return gen, dataset or b""
+
+        gen, dataset = self._call(run)
+        return (zlib.crc32(dataset) << 48) + int(gen or 0)
 
     def total_bytes(self) -> int:
         return int(self._call(lambda: self.client.get(self._bytes)) or 0)

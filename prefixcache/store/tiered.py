@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from ..errors import CorruptSegmentError, StoreError
-from ..segment import Pin, Segment, Usage
+from ..segment import Pin, Segment, Usage, checksum
 from .base import GcReport
 from .disk import DiskStore
 from .redis import RedisStore, StoreUnavailableError, redact
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Seconds between two attempts to reach a remote that was down.
 DEFAULT_RETRY_AFTER_S = 3.0
 #: generation() adds the outage epoch times this, so that switching tiers always changes it.
-_EPOCH_STRIDE = 1 << 40
+_EPOCH_STRIDE = 1 << 96  # above RedisStore's dataset id (bits 48..79)
 #: Segments fetched from the remote wait at most this many at a time for their local copy.
 _WRITE_BACK_QUEUE = 4
 
@@ -131,9 +131,7 @@ class TieredStore:
         return self._read(self.remote.get, self.local.get, key)
 
     def read_kv(self, seg: Segment, into: memoryview) -> None:
-        mine = self.local.get(seg.key)
-        if mine is not None and (mine.checksum, mine.nbytes) == (seg.checksum, seg.nbytes):
-            self.local.read_kv(seg, into)
+        if self._read_local(seg, into):
             return
         if self._try(self.remote.read_kv, seg, into) is _MISSING:
             raise CorruptSegmentError(seg.key, "the shared store became unreachable")
@@ -149,6 +147,26 @@ class TieredStore:
                 target=self._write_back, name="prefixcache-write-back", daemon=True
             )
             self._writer.start()
+
+    def _read_local(self, seg: Segment, into: memoryview) -> bool:
+        """Read the local copy if it is whole; drop a damaged one (the remote's may be fine).
+
+        The checksum is checked here, not only by the cache, because a cache that finds a bad
+        segment quarantines it everywhere, and a bad local copy says nothing about the remote.
+        """
+        try:
+            mine = self.local.get(seg.key)
+            if mine is None or (mine.checksum, mine.nbytes) != (seg.checksum, seg.nbytes):
+                return False
+            self.local.read_kv(seg, into)
+            if checksum(into[: seg.nbytes]) == seg.checksum:
+                return True
+            reason = "checksum mismatch"
+        except CorruptSegmentError as exc:
+            reason = exc.reason
+        log.warning("dropping the local copy of segment %s: %s", seg.key[:16], reason)
+        self.local.delete(seg.key)
+        return False
 
     def _write_back(self) -> None:
         while (item := self._pending.get()) is not None:
