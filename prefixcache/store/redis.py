@@ -222,7 +222,7 @@ class RedisStore:
     def client(self) -> Any:
         """The redis-py client (created on first use)."""
         if self._client is None:
-            self._client = self._factory()
+            self._client = self._call(self._factory)
         return self._client
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
