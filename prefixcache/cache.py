@@ -318,7 +318,11 @@ class PrefixCache:
         Returns ``(cached, restored, seconds)``: tokens whose KV is now live, how many of them
         came from the store, and the time spent restoring.
         """
-        live = common_prefix_length(self.kv.live_tokens(), tokens)
+        # Live KV left by another tenant is never reused: its speed would tell this tenant
+        # what the other one just sent.
+        live = 0
+        if self.kv.owner == namespace:
+            live = common_prefix_length(self.kv.live_tokens(), tokens)
         known = self._sync(namespace)
         match = known.index.match(tokens)
         if match.length <= live:
@@ -383,6 +387,7 @@ class PrefixCache:
     def _prepare(self, tokens: list[int], namespace: str, extra: int = 1) -> Prepared:
         self.kv.validate(tokens, extra)
         cached, restored, seconds = self._restore(tokens, namespace)
+        self.kv.owner = namespace
         # The Llama prefills the rest of the prompt in batches: trust its KV up to the prompt's
         # end, not the generated tokens that follow (see LlamaKV.live_tokens).
         self.kv.exact = len(tokens)
@@ -599,36 +604,107 @@ class PrefixCache:
         ``prompt_tokens_details.cached_tokens``. With ``stream=True`` an iterator of chunks is
         returned; pass ``stream_options={"include_usage": True}`` for a final usage chunk.
         """
+
+        def start() -> tuple[list[int], Callable[..., Any]]:
+            msgs, tool_arg = self.template.messages_for(messages, tools)
+            tokens = self.template.tokens(messages, tools)
+
+            def call(**kw: Any) -> Any:
+                return self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kw)
+
+            return tokens, call
+
+        return self._generate(start, "chat.completion.chunk", stream, namespace, autosave, kwargs)
+
+    def complete(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        stream: bool = False,
+        namespace: str | None = None,
+        autosave: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """An OpenAI-shaped text completion of a raw prompt (text or token ids).
+
+        The prompt is tokenized as ``Llama.create_completion`` does (see :meth:`tokenize_prompt`)
+        and matched against the store like a chat; takes ``create_completion``'s keyword
+        arguments and returns its dict (or chunks), with ``usage`` as in :meth:`chat`.
+        """
+
+        def start() -> tuple[list[int], Callable[..., Any]]:
+            tokens = self.tokenize_prompt(prompt)
+
+            def call(**kw: Any) -> Any:
+                return self.llm.create_completion(tokens, **kw)
+
+            return tokens, call
+
+        return self._generate(start, "text_completion", stream, namespace, autosave, kwargs)
+
+    def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """The token ids ``Llama.create_completion`` evaluates for ``prompt`` (no infill suffix).
+
+        Text gets the model's BOS (or CLS) and, for models that ask for one, EOS (or SEP), and its
+        special tokens are parsed, as llama-cpp-python does; token ids are taken as they are.
+        """
+        if not isinstance(prompt, str):
+            tokens = [int(t) for t in prompt]
+            if not tokens:
+                raise PrefixCacheError("the prompt is empty")
+            return tokens
+        model = self.llm._model
+        bos = model.token_cls() if model.token_cls() != -1 else model.token_bos()
+        sep = model.token_sep()
+        head = [bos] if model.add_bos_token() and bos != -1 else []
+        eos = sep if sep != -1 else model.token_eos()
+        tail = [eos] if model.add_eos_token() or sep != -1 else []
+        body = self.template.tokenize(prompt) if prompt else []
+        tokens = head + body + tail
+        if not tokens:
+            raise PrefixCacheError("the prompt is empty")
+        return tokens
+
+    def _generate(
+        self,
+        start: Callable[[], tuple[list[int], Callable[..., Any]]],
+        chunk_object: str,
+        stream: bool,
+        namespace: str | None,
+        autosave: bool | None,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run one call: restore, let llama-cpp-python evaluate the suffix and generate, autosave.
+
+        ``start()`` (called under the model lock) gives the prompt's tokens and a function that
+        runs the llama-cpp-python call with the keyword arguments.
+        """
         ns = self.namespace if namespace is None else namespace
         save = self.autosave if autosave is None else autosave
         if stream:
-            return self._chat_stream(messages, tools, ns, save, kwargs)
+            return self._generate_stream(start, chunk_object, ns, save, kwargs)
         with self._lock:
-            prepared, msgs, tool_arg = self._chat_prepare(messages, tools, ns, kwargs)
+            tokens, call = start()
+            prepared = self._prepare_call(tokens, ns, kwargs)
             t0 = time.perf_counter()
-            result = self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kwargs)
-            elapsed = time.perf_counter() - t0
+            result = call(**kwargs)
             usage = result.setdefault("usage", {})
             usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
-            self._after_chat(prepared, elapsed, usage.get("completion_tokens", 0))
+            self._after_call(prepared, time.perf_counter() - t0, usage.get("completion_tokens", 0))
             if save:
                 self._autosave(ns, prepared)
             return result
 
-    def _chat_prepare(
-        self, messages: Sequence[Message], tools: Tools, ns: str, kwargs: dict[str, Any]
-    ) -> tuple[Prepared, list[dict[str, Any]], Any]:
-        msgs, tool_arg = self.template.messages_for(messages, tools)
-        tokens = self.template.tokens(messages, tools)
+    def _prepare_call(self, tokens: list[int], ns: str, kwargs: dict[str, Any]) -> Prepared:
         max_tokens = kwargs.get("max_tokens")
         extra = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1
         if len(tokens) + extra > self.kv.n_ctx:
             raise PromptTooLongError(len(tokens) + extra, self.kv.n_ctx, "prompt plus max_tokens")
         prepared = self._prepare(tokens, ns, extra)
         self._count(prepared)
-        return prepared, msgs, tool_arg
+        return prepared
 
-    def _after_chat(self, prepared: Prepared, elapsed: float, completion_tokens: int) -> None:
+    def _after_call(self, prepared: Prepared, elapsed: float, completion_tokens: int) -> None:
         # The call's time is mostly prefill of the suffix plus decoding; attribute by tokens.
         prefilled = prepared.prompt_tokens - prepared.reused_tokens
         if completion_tokens == 0 and prefilled:
@@ -636,30 +712,34 @@ class PrefixCache:
         else:
             self._stats.prefill_tokens += prefilled
 
-    def _chat_stream(
-        self, messages: Sequence[Message], tools: Tools, ns: str, save: bool, kwargs: dict[str, Any]
+    def _generate_stream(
+        self,
+        start: Callable[[], tuple[list[int], Callable[..., Any]]],
+        chunk_object: str,
+        ns: str,
+        save: bool,
+        kwargs: dict[str, Any],
     ) -> Iterator[dict[str, Any]]:
         include_usage = bool((kwargs.pop("stream_options", None) or {}).get("include_usage"))
         with self._lock:
-            prepared, msgs, tool_arg = self._chat_prepare(messages, tools, ns, kwargs)
+            tokens, call = start()
+            prepared = self._prepare_call(tokens, ns, kwargs)
             t0 = time.perf_counter()
-            kwargs["stream"] = True
-            chunks = self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kwargs)
             n_chunks = 0
             last: dict[str, Any] = {}
-            for chunk in chunks:
-                delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
-                if delta.get("content"):
+            for chunk in call(stream=True, **kwargs):
+                choices = chunk.get("choices") or [{}]
+                if choices[0].get("text") or choices[0].get("delta", {}).get("content"):
                     n_chunks += 1
                 last = chunk
                 yield chunk
-            self._after_chat(prepared, time.perf_counter() - t0, n_chunks)
+            self._after_call(prepared, time.perf_counter() - t0, n_chunks)
             if save:
                 self._autosave(ns, prepared)
             if include_usage:
                 yield {
                     "id": last.get("id", ""),
-                    "object": "chat.completion.chunk",
+                    "object": chunk_object,
                     "created": last.get("created", int(time.time())),
                     "model": last.get("model", ""),
                     "choices": [],

@@ -41,6 +41,7 @@ class KVContext(Protocol):
 
     n_ctx: int
     n_vocab: int
+    owner: str | None
 
     def live_tokens(self) -> array: ...
     def validate(self, tokens: Sequence[int], extra: int = 0) -> None: ...
@@ -163,6 +164,15 @@ class LlamaKV:
     @exact.setter
     def exact(self, n: int) -> None:
         self.llm._prefixcache_exact = n  # type: ignore[attr-defined]
+
+    @property
+    def owner(self) -> str | None:
+        """The namespace whose call left the live KV (None: unknown, e.g. a plain Llama call)."""
+        return getattr(self.llm, "_prefixcache_owner", None)
+
+    @owner.setter
+    def owner(self, namespace: str | None) -> None:
+        self.llm._prefixcache_owner = namespace  # type: ignore[attr-defined]
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens of sequence 0 and forget the rest."""

@@ -156,6 +156,17 @@ def test_namespaces_do_not_see_each_other(open_cache):
     assert cached(reply) == 0
 
 
+def test_live_kv_of_another_namespace_is_not_reused(open_cache, store):
+    tenant_a = open_cache(namespace="tenant-a")
+    tenant_b = PrefixCache(llm=tenant_a.llm, store=store, namespace="tenant-b")  # one model
+    secret = ask("My locker code is 4471. " * 8 + "Can you remember it?")
+    tenant_a.chat(secret, max_tokens=4, temperature=0)
+    assert tenant_a.llm.n_tokens > 100  # A's conversation is live in the shared context
+    assert cached(tenant_b.chat(secret, max_tokens=4, temperature=0)) == 0
+    # A still gets its own prefix back, from its own namespace in the store.
+    assert cached(tenant_a.chat(secret, max_tokens=4, temperature=0)) > 100
+
+
 def _kv_files(store: Path) -> list[Path]:
     return [p for p in store.rglob("*.val") if p.stat().st_size > 100_000]
 
