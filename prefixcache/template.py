@@ -13,6 +13,7 @@ that every conversation starting with those messages is guaranteed to share.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from collections.abc import Mapping, Sequence
@@ -92,9 +93,13 @@ class ChatTemplate:
         """The messages and tools as handed to the template.
 
         A template that ignores ``tools`` would silently drop them; for such templates the tool
-        schemas become one system message right after the leading system messages.
+        schemas become one system message right after the leading system messages, and an
+        assistant message that holds only ``tool_calls`` gets them as its text, in the format
+        the tools message asks for (such templates would fail on its empty content).
         """
         msgs = [dict(m) for m in messages]
+        if not self.native_tools:
+            msgs = [_calls_as_text(m) for m in msgs]
         if not tools:
             return msgs, None
         tool_list = [dict(t) for t in tools]
@@ -180,3 +185,18 @@ class ChatTemplate:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+
+def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    calls = message.get("tool_calls")
+    if message.get("content") or not calls:
+        return message
+    lines = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            with contextlib.suppress(ValueError):
+                arguments = json.loads(arguments)
+        lines.append(json.dumps({"name": function.get("name"), "arguments": arguments}))
+    return {**message, "content": "\n".join(lines)}
