@@ -611,6 +611,12 @@ def serve_cmd(
     max_queue: Annotated[
         int, typer.Option(min=0, help="Requests that may wait; beyond it: HTTP 429.")
     ] = 8,
+    watch_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Seconds between checks for changed recipe files; 0: only on SIGHUP."
+        ),
+    ] = 2.0,
 ) -> None:
     """An OpenAI-compatible HTTP server with the prefix cache built in."""
     opts = _options(ctx)
@@ -620,6 +626,13 @@ def serve_cmd(
         raise ConfigError(
             f"the server needs its extra: pip install 'prefixcache[server]' ({exc})"
         ) from exc
+    # A server logs plain timestamped lines (start-up, prewarm progress, reloads), not rich ones.
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    plain = logging.StreamHandler()
+    plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(plain)
+    log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     serve(
         list(recipes or []),
         model=opts.model,
@@ -631,6 +644,7 @@ def serve_cmd(
         max_queue=max_queue,
         quota_gb=opts.quota_gb,
         verbose=opts.verbose,
+        watch_interval=watch_interval or None,
     )
 
 

@@ -322,6 +322,22 @@ def _check_unique_names(recipes: Sequence[Recipe]) -> None:
             )
 
 
+def watched_paths(recipes: Iterable[Recipe]) -> set[Path]:
+    """The files a set of loaded recipes was built from, and the folders holding them.
+
+    A change to any of them (an edit, or a file added to or removed from a folder) may change a
+    recipe's prefix; a server polls their modification times to know when to reload.
+    """
+    out: set[Path] = set()
+    for recipe in recipes:
+        for r in recipe.chain:
+            out.update((r.path, r.path.parent))
+            for spec in r.includes:
+                out.update(spec.files)
+                out.update(f.parent for f in spec.files)
+    return out
+
+
 # --- checks that need numbers from a tokenizer ---------------------------------------------------
 
 
@@ -963,4 +979,5 @@ __all__ = [
     "load_recipe",
     "load_recipes",
     "parse_duration",
+    "watched_paths",
 ]

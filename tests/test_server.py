@@ -1,0 +1,369 @@
+"""``prefixcache serve`` on loopback, driven by the official ``openai`` client.
+
+Every test starts the real server (a subprocess running the console command on the real SmolLM2
+model and a temporary store) and talks HTTP to it, as an agent framework would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import llama_cpp
+import openai
+import pytest
+from conftest import N_CTX, SYSTEM
+
+from prefixcache.template import ChatTemplate
+
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "stock_level",
+        "description": "How many units of a product are in stock.",
+        "parameters": {
+            "type": "object",
+            "properties": {"sku": {"type": "string"}},
+            "required": ["sku"],
+        },
+    },
+}
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+
+
+def write_recipe(folder: Path, system: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "shop.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            name: shop
+            n_ctx: {N_CTX}
+            tools:
+              - type: function
+                function:
+                  name: stock_level
+                  description: How many units of a product are in stock.
+                  parameters:
+                    type: object
+                    properties: {{sku: {{type: string}}}}
+                    required: [sku]
+            prefix:
+              - system: {system!r}
+            """
+        )
+    )
+    return path
+
+
+@dataclass
+class Served:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, api_key: str = "none", **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/health", timeout=10).json())
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert self.proc.poll() is None, f"server exited:\n{self.logs()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.logs()}"
+            time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def recipes(tmp_path: Path) -> Path:
+    folder = tmp_path / "recipes"
+    write_recipe(folder, str(SYSTEM["content"]))
+    return folder
+
+
+@pytest.fixture
+def serve(store: Path, recipes: Path, tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def start(*args: str) -> Served:
+        port = free_port()
+        log = tmp_path / f"server-{port}.log"
+        cmd = [sys.executable, "-m", "prefixcache", "--store", str(store), "--n-ctx", str(N_CTX)]
+        cmd += ["serve", "--recipes", str(recipes), "--port", str(port), *args]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        served = Served(f"http://127.0.0.1:{port}", proc, log)
+        started.append(served)
+
+        def up() -> bool:
+            try:
+                return httpx.get(served.url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        served.wait_for("the server to listen", up, timeout=180)
+        return served
+
+    yield start
+    for served in started:
+        served.proc.terminate()
+        try:
+            served.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait()
+
+
+def ask(question: str, system: str = str(SYSTEM["content"])) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+@pytest.fixture(scope="module")
+def cold_with_tool(cold_llm: llama_cpp.Llama, cold_reply: Callable[..., str]) -> Callable[..., str]:
+    """The cold reply to a conversation with TOOL: SmolLM2's template ignores tools, so they go
+    into a system message, as the server does (and as ``ChatTemplate.messages_for`` documents)."""
+    template = ChatTemplate(cold_llm)
+
+    def reply(messages: list[dict[str, Any]], max_tokens: int = 24) -> str:
+        folded, _ = template.messages_for(messages, [TOOL])
+        return cold_reply(folded, max_tokens=max_tokens)
+
+    return reply
+
+
+def cold_completion(cold_llm: llama_cpp.Llama, prompt: str, max_tokens: int) -> str:
+    cold_llm.reset()
+    out = cold_llm.create_completion(prompt, max_tokens=max_tokens, temperature=0)
+    return str(out["choices"][0]["text"])
+
+
+def test_first_request_after_start_restores_the_recipe_and_matches_cold(serve, cold_with_tool):
+    served = serve()
+    client = served.client()
+    messages = ask("Do you cut timber to size?")
+    reply = client.chat.completions.create(
+        model=MODEL_ID, messages=messages, tools=[TOOL], max_tokens=24, temperature=0
+    )
+    assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+    assert reply.usage.prompt_tokens_details.cached_tokens > 100
+    assert reply.model == MODEL_ID
+    assert reply.choices[0].message.content == cold_with_tool(messages)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=ask("Are you open on Sundays?"),
+            tools=[TOOL],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == cold_with_tool(ask("Are you open on Sundays?"))
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens > 100
+
+
+def test_completions_models_health_and_metrics(serve, cold_llm):
+    served = serve()
+    client = served.client()
+    prompt = "The three primary colours are"
+    first = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=16, temperature=0)
+    again = client.completions.create(
+        model=MODEL_ID, prompt=prompt + " red,", max_tokens=16, temperature=0
+    )
+    assert first.choices[0].text == cold_completion(cold_llm, prompt, 16)
+    assert again.choices[0].text == cold_completion(cold_llm, prompt + " red,", 16)
+    assert again.usage is not None
+    assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1  # type: ignore[union-attr]
+
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL_ID, prompt=prompt, max_tokens=16, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == first.choices[0].text
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    assert served.health()["status"] == "ok"
+    metrics = httpx.get(served.url + "/metrics", timeout=10).text
+    cached = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith(f'prefixcache_cached_tokens_total{{model="{MODEL_ID}"}}')
+    )
+    assert cached >= first.usage.prompt_tokens - 1  # type: ignore[union-attr]
+    assert 'prefixcache_requests_total{code="200",path="/v1/completions"} 3.0' in metrics
+    assert f'prefixcache_store_bytes{{model="{MODEL_ID}"}}' in metrics
+
+
+def test_bad_requests_get_openai_shaped_4xx(serve):
+    served = serve()
+    client = served.client()
+    bad_json = httpx.post(
+        served.url + "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert bad_json.status_code == 400
+    assert "not valid JSON" in bad_json.json()["error"]["message"]
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=ask("Hi"), max_tokens=4)
+    assert missing.value.code == "model_not_found"
+    assert MODEL_ID in str(missing.value)
+
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model=MODEL_ID, messages=ask("word " * 3000), max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as too_long_stream:
+        next(
+            iter(
+                client.chat.completions.create(
+                    model=MODEL_ID, messages=ask("word " * 3000), max_tokens=4, stream=True
+                )
+            )
+        )
+    assert too_long_stream.value.code == "context_length_exceeded"
+
+    for bad in ({"messages": []}, {"n": 2}, {"max_tokens": 0}, {"temperature": "hot"}):
+        body = {"model": MODEL_ID, "messages": ask("Hi"), **bad}
+        answer = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=10)
+        assert answer.status_code == 400, (bad, answer.text)
+        assert answer.json()["error"]["message"]
+
+    # After all that the server still answers.
+    ok = client.chat.completions.create(model=MODEL_ID, messages=ask("Hi"), max_tokens=4)
+    assert ok.choices[0].message.content is not None
+
+
+def test_a_burst_beyond_the_queue_gets_429_and_the_rest_succeed(serve):
+    served = serve("--max-queue", "1")
+    client = served.client()
+    outcomes: list[Any] = []
+
+    def request() -> None:
+        try:
+            out = client.completions.create(
+                model=MODEL_ID, prompt=COUNTING, max_tokens=120, temperature=0
+            )
+            outcomes.append(out)
+        except openai.RateLimitError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    served_ok = [o for o in outcomes if not isinstance(o, openai.RateLimitError)]
+    assert len(outcomes) == 6
+    assert 1 <= len(refused) <= 4 and len(served_ok) >= 2
+    assert all(int(r.response.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.code == "queue_full" for r in refused)
+    texts = {o.choices[0].text for o in served_ok}
+    assert len(texts) == 1  # the same greedy output, whichever restored or prefilled
+    assert served.health()["models"][MODEL_ID]["queued"] == 0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_model(serve):
+    served = serve()
+    body = {"model": MODEL_ID, "prompt": COUNTING, "max_tokens": 1500, "temperature": 0}
+    body["stream"] = True
+    url = served.url + "/v1/completions"
+    with httpx.Client(timeout=30) as http, http.stream("POST", url, json=body) as stream:
+        lines = stream.iter_lines()
+        got = [line for _, line in zip(range(6), lines, strict=False) if line]
+        assert got and got[0].startswith("data: ")
+    # Leaving the block closed the connection after a few chunks of 1,500.
+    t0 = time.perf_counter()
+    reply = served.client(timeout=60).completions.create(
+        model=MODEL_ID, prompt="Timber is", max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].text
+    served.wait_for("the stopped stream to be logged", lambda: "client went away" in served.logs())
+    # 1,500 tokens take well over 10 s here; the next request did not wait for them.
+    assert time.perf_counter() - t0 < 10
+    assert served.health()["models"][MODEL_ID]["queued"] == 0
+
+
+def test_api_keys_keep_tenants_apart(serve):
+    served = serve("--api-key", "key-a", "--api-key", "key-b")
+    with pytest.raises(openai.AuthenticationError):
+        served.client("wrong").chat.completions.create(
+            model=MODEL_ID, messages=ask("Hi"), max_tokens=4
+        )
+    assert httpx.get(served.url + "/v1/models", timeout=10).status_code == 401
+
+    def cached(key: str, messages: list[dict[str, str]]) -> int:
+        reply = served.client(key).chat.completions.create(
+            model=MODEL_ID, messages=messages, tools=[TOOL], max_tokens=8, temperature=0
+        )
+        return int(reply.usage.prompt_tokens_details.cached_tokens)  # type: ignore[union-attr]
+
+    secret = ask("My order number is 99127 and my postcode is ZX4 8QP; " * 6 + "where is it?")
+    first_a = cached("key-a", secret)
+    assert first_a > 100  # the recipe is pinned in every tenant's namespace
+    second_a = cached("key-a", secret)
+    assert second_a > first_a + 60  # tenant A's own autosaved question
+    assert cached("key-b", secret) == first_a  # tenant B sees only the recipe's prefix
+
+
+def test_recipes_reload_on_file_change_and_on_sighup(serve, recipes, cold_with_tool):
+    served = serve("--watch-interval", "0.3")
+    new_system = "You are the assistant of Pine & Pane, a window shop. " * 8
+    write_recipe(recipes, new_system)
+    served.wait_for("the reload", lambda: served.health()["recipe_reloads"] >= 1)
+    messages = ask("Do you fit windows?", system=new_system)
+    reply = served.client().chat.completions.create(
+        model=MODEL_ID, messages=messages, tools=[TOOL], max_tokens=16, temperature=0
+    )
+    assert reply.usage.prompt_tokens_details.cached_tokens > 100  # type: ignore[union-attr]
+    assert reply.choices[0].message.content == cold_with_tool(messages, max_tokens=16)
+
+    # A broken recipe is logged and the previous ones keep being served.
+    (recipes / "shop.yaml").write_text("name: shop\nprefix: [\n")
+    served.wait_for("the failed reload", lambda: "serving the previous recipes" in served.logs())
+    assert "shop.yaml:3" in served.logs()  # the recipe error names the file and line
+    again = served.client().chat.completions.create(
+        model=MODEL_ID, messages=messages, tools=[TOOL], max_tokens=16, temperature=0
+    )
+    assert again.choices[0].message.content == reply.choices[0].message.content
+
+    os.kill(served.proc.pid, signal.SIGHUP)
+    served.wait_for("the SIGHUP reload", lambda: "reload (SIGHUP) failed" in served.logs())
+    write_recipe(recipes, new_system)
+    os.kill(served.proc.pid, signal.SIGHUP)
+    served.wait_for("the SIGHUP reload", lambda: "recipes reloaded (SIGHUP)" in served.logs())
