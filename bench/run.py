@@ -135,7 +135,7 @@ def worker(
     cmd += ["--questions", *map(str, questions)] if questions else []
     cmd += ["--dir", str(d)] if d else []
     best = None
-    for _ in range(1 + retries):
+    for attempt in range(1 + retries):
         wait_quiet()
         busy, mine, wall = LoadMonitor._busy(), LoadMonitor._mine(), time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
@@ -151,7 +151,7 @@ def worker(
             break
         if best is None or result["foreign_cores"] < best["foreign_cores"]:
             best = result
-        if best["foreign_cores"] < CONTENDED:
+        if best["foreign_cores"] < CONTENDED or attempt == retries:
             break
         print(f"   ({method}: other processes used {foreign / elapsed:.2f} cores; again)")
     if best is not None:
