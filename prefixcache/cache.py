@@ -31,7 +31,7 @@ from .fingerprint import Fingerprint
 from .kvstate import LlamaKV, Progress
 from .lifecycle import Eviction, check_pin_quota, enforce_quota
 from .radix import Match, RadixIndex, as_tokens, common_prefix_length
-from .segment import Pin, Segment, checksum, root_key, segment_key
+from .segment import Pin, Segment, checksum, checksum_matches, root_key, segment_key
 from .store import Store, open_store
 from .template import ChatTemplate, Message
 
@@ -354,7 +354,7 @@ class PrefixCache:
     def _load(self, seg: Segment) -> None:
         buf = self.kv.buffer(seg.nbytes)
         self.store.read_kv(seg, buf)
-        if checksum(buf) != seg.checksum:
+        if not checksum_matches(buf, seg.checksum):
             raise CorruptSegmentError(seg.key, "checksum mismatch")
         try:
             self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import xxhash
+
 from .errors import CorruptSegmentError
 
 #: Bumped when the key derivation or the metadata layout changes.
@@ -46,8 +48,21 @@ def segment_key(parent_key: str, tokens: Iterable[int]) -> str:
 
 
 def checksum(data: Any) -> str:
-    """Checksum of KV bytes: CRC-32, fast enough to verify on every restore."""
-    return f"crc32:{zlib.crc32(data):08x}"
+    """Checksum of KV bytes: XXH3-64, fast enough (~25 GB/s) to verify on every restore."""
+    return f"xxh3:{xxhash.xxh3_64_intdigest(data):016x}"
+
+
+def checksum_matches(data: Any, expected: str) -> bool:
+    """Whether ``data`` has the checksum ``expected``, computed with the algorithm it names.
+
+    Segments stored by earlier versions carry CRC-32 checksums (``crc32:``); they stay readable.
+    """
+    algorithm, _, _ = expected.partition(":")
+    if algorithm == "xxh3":
+        return checksum(data) == expected
+    if algorithm == "crc32":
+        return f"crc32:{zlib.crc32(data):08x}" == expected
+    return False
 
 
 @dataclass(frozen=True)

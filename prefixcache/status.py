@@ -17,7 +17,7 @@ import llama_cpp
 from .errors import CorruptSegmentError
 from .fingerprint import Fingerprint, file_digest
 from .lifecycle import chain_keys, check_pin_quota, pinned_keys
-from .segment import Segment, Usage, checksum
+from .segment import Segment, Usage, checksum_matches
 from .store.base import Store
 
 _CALIBRATION_DOC = "calibration:"
@@ -210,7 +210,7 @@ def verify(store: Store, *, fix: bool = False) -> tuple[int, list[Problem]]:
         view = buf[: seg.nbytes]
         try:
             store.read_kv(seg, view)
-            if checksum(view) != seg.checksum:
+            if not checksum_matches(view, seg.checksum):
                 raise CorruptSegmentError(seg.key, "checksum mismatch")
         except CorruptSegmentError as exc:
             problems.append(Problem(seg.key, seg.label, "corrupt", exc.reason))

@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import SYSTEM
 
 from prefixcache import DiskStore, Pin, QuotaExceededError, Segment
 from prefixcache.lifecycle import enforce_quota, pinned_keys
-from prefixcache.segment import checksum, root_key, segment_key
+from prefixcache.segment import checksum, checksum_matches, root_key, segment_key
 
 ROOT = root_key("f" * 32)
 
@@ -35,6 +36,18 @@ def put(store: DiskStore, parent: str, start: int, tokens: list[int], size: int 
     )
     store.put(seg, data)
     return key
+
+
+def test_checksums_catch_one_flipped_bit_and_read_older_crc32_records():
+    data = bytearray(os.urandom(1 << 16))
+    stored = checksum(data)
+    assert stored.startswith("xxh3:") and checksum_matches(data, stored)
+    legacy = f"crc32:{zlib.crc32(data):08x}"  # what segments stored before XXH3 carry
+    assert checksum_matches(data, legacy)
+    data[12345] ^= 0x10
+    assert not checksum_matches(data, stored)
+    assert not checksum_matches(data, legacy)
+    assert not checksum_matches(data, "md5:" + "0" * 32)  # an unknown algorithm never passes
 
 
 def test_segments_round_trip_and_puts_are_idempotent(tmp_path: Path):

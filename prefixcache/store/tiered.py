@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from ..errors import CorruptSegmentError, StoreError
-from ..segment import Pin, Segment, Usage, checksum
+from ..segment import Pin, Segment, Usage, checksum_matches
 from .base import GcReport
 from .disk import DiskStore
 from .redis import RedisStore, StoreUnavailableError, redact
@@ -159,7 +159,7 @@ class TieredStore:
             if mine is None or (mine.checksum, mine.nbytes) != (seg.checksum, seg.nbytes):
                 return False
             self.local.read_kv(seg, into)
-            if checksum(into[: seg.nbytes]) == seg.checksum:
+            if checksum_matches(into[: seg.nbytes], seg.checksum):
                 return True
             reason = "checksum mismatch"
         except CorruptSegmentError as exc:
