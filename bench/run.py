@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -464,7 +465,7 @@ def scenario_many(plan: Plan, tmp: Path) -> dict[str, Any]:
                 start=starts[parent],
                 tokens=tuple(toks),
                 nbytes=16,
-                checksum="crc32:00000000",
+                checksum="xxh3:0000000000000000",
                 fingerprint=cache.fingerprint.digest,
                 label="synthetic",
             )
@@ -553,6 +554,23 @@ def scenario_switch(plan: Plan, tmp: Path, tok: llama_cpp.Llama) -> dict[str, An
 
 
 # reporting ----------------------------------------------------------------------------------
+
+
+def scenario_redis(plan: Plan) -> dict[str, Any] | None:
+    """A second worker's TTFT restoring from Redis vs cold prefill (bench/redis_ttft.py).
+
+    None when redis-server is not installed (the report says so).
+    """
+    if shutil.which("redis-server") is None:
+        print("   redis-server is not installed: skipped")
+        return None
+    cmd = [sys.executable, str(HERE / "redis_ttft.py"), "--json", "--tokens", "3000"]
+    cmd += ["--runs", str(max(3, plan.reps))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, check=False)
+    if proc.returncode != 0:
+        print(f"   redis_ttft.py failed:\n{proc.stderr[-2000:]}")
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def machine() -> dict[str, str]:
@@ -691,7 +709,7 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
             parts = at4k["restore_parts"]
             why = (
                 f" — pc TTFT {ms(at4k['pc'])} = restore {ms(at4k['pc_restore_s'])} (first restore "
-                f"in the process; warm: store read {ms(parts['read'])} + CRC-32 "
+                f"in the process; warm: store read {ms(parts['read'])} + XXH3 "
                 f"{ms(parts['checksum'])} + set_data/seq_cp {ms(parts['set_data'])} + touch "
                 f"{ms(parts['touch'])}; raw set_data alone {ms(at4k['raw_set_s'])}) + suffix "
                 f"eval {ms(at4k['suffix_eval_s'])} + {ms(other)} elsewhere (template, tokenize, "
@@ -737,7 +755,7 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
                 "prefix",
                 "restored",
                 "prepare() restore",
-                "read + CRC-32 + set_data/seq_cp + touch",
+                "read + XXH3 + set_data/seq_cp + touch",
                 "throughput",
                 "raw bytes",
                 "bare set_data",
@@ -748,7 +766,7 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
         )
     )
     md.append(
-        "\nprepare() restore = store read (diskcache file, page cache warm) + CRC-32 + "
+        "\nprepare() restore = store read (diskcache file, page cache warm) + XXH3 + "
         "llama_state_seq_set_data into the scratch sequence + seq_cp + usage touch (SQLite "
         "write) per segment; bare = one llama_state_seq_set_data of one blob already in memory."
     )
@@ -996,6 +1014,41 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
     )
     md.append(f"\nRequests: {MAX_TOKENS} tokens generated each, greedy.")
 
+    md.append("\n## 8. Shared store on Redis: a second worker's time to first token\n")
+    red = res.get("redis")
+    if red is None:
+        md.append("Skipped: redis-server is not installed on this machine.")
+    elif "error" in red:
+        md.append(f"Failed: {red['error']}")
+    else:
+        md.append(
+            "One worker pins a system prompt through a Redis store; then a fresh worker process "
+            "with an empty local tier asks a question under it (`bench/redis_ttft.py`, medians "
+            f"over {red['runs']} runs, each a new process).\n"
+        )
+        md.append(
+            table(
+                [
+                    "prefix tokens",
+                    "cold prefill",
+                    "second worker, from Redis",
+                    "of which restore",
+                    "same worker again, local tier",
+                    "cold / Redis",
+                ],
+                [
+                    [
+                        red["prefix_tokens"],
+                        ms(red["cold_ttft_s"]),
+                        ms(red["redis_ttft_s"]),
+                        ms(red["redis_restore_s"]),
+                        ms(red["local_tier_ttft_s"]),
+                        f"{red['speedup']:.1f}×",
+                    ]
+                ],
+            )
+        )
+
     md.append("\n## Other processes on the machine\n")
     md.append(
         table(
@@ -1117,6 +1170,8 @@ def main() -> None:
             res["many"] = scenario_many(plan, tmp)
         with monitor.scenario("context switching"):
             res["switch"] = scenario_switch(plan, tmp, tok)
+        with monitor.scenario("shared store on Redis"):
+            res["redis"] = scenario_redis(plan)
         res["storage"] = storage_rows(tmp, plan.sizes, tmp / "agent-store")
         res["load"] = monitor.by_scenario
         elapsed = time.perf_counter() - start
