@@ -384,13 +384,23 @@ class PrefixCache:
         self._forget(known, seg.key)
         self._stats.corrupt_segments += 1
 
-    def _prepare(self, tokens: list[int], namespace: str, extra: int = 1) -> Prepared:
+    def _prepare(
+        self, tokens: list[int], namespace: str, extra: int = 1, *, generating: bool = True
+    ) -> Prepared:
+        """Restore the longest available prefix of ``tokens``, then give back what it takes
+        for the suffix to be evaluated as a cold run would (see LlamaKV.suffix_start)."""
         self.kv.validate(tokens, extra)
         cached, restored, seconds = self._restore(tokens, namespace)
+        keep = self.kv.suffix_start(len(tokens), cached, generating=generating)
+        if keep < cached:
+            self.kv.truncate(keep)
+            restored = max(0, restored - (cached - keep))
+            cached = keep
         self.kv.owner = namespace
         # The Llama prefills the rest of the prompt in batches: trust its KV up to the prompt's
-        # end, not the generated tokens that follow (see LlamaKV.live_tokens).
-        self.kv.exact = len(tokens)
+        # end (not the generated tokens that follow), except a last token it evaluates alone.
+        alone = generating and self.kv.last_token_alone(len(tokens), cached)
+        self.kv.exact = len(tokens) - 1 if alone else len(tokens)
         return Prepared(tokens, cached, restored, seconds)
 
     def prepare(
@@ -539,7 +549,7 @@ class PrefixCache:
         boundaries = self.message_boundaries(messages, tools)
         root = self.root(ns)
         with self._lock, self.store.lock(f"pin:{root}:{name}"):
-            prepared = self._prepare(tokens, ns)
+            prepared = self._prepare(tokens, ns, generating=False)
             self._count(prepared)
             todo = tokens[prepared.cached_tokens :]
             t0 = time.perf_counter()

@@ -11,6 +11,7 @@ failures abort the process.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import time
 from array import array
@@ -74,6 +75,13 @@ class LlamaKV:
         self._ensure_scratch_sequence()
         self.n_ctx = int(llm.n_ctx())
         self.n_batch = int(llm.n_batch)
+        #: llama.cpp computes a batch in micro-batches of this many tokens (see singleton_free).
+        self.unit = int(llm.context_params.n_ubatch) or self.n_batch
+        if self.n_batch % self.unit:
+            raise UnsupportedModelError(
+                f"n_batch ({self.n_batch}) must be a multiple of n_ubatch ({self.unit}) for "
+                "restored prefixes to give exactly a cold run's output"
+            )
         self.n_vocab = int(llm.n_vocab())
         self._buffer = bytearray()
 
@@ -182,15 +190,48 @@ class LlamaKV:
         self.exact = min(self.exact, n)
         self.llm._requires_eval = True
 
+    # Batch numerics. On llama.cpp's CPU backend a token evaluated in a micro-batch of its own
+    # (a matrix-vector product) gets KV and logits that differ in the last bits from the same
+    # token evaluated beside others (matrix-matrix); every batch of two or more tokens gives
+    # bit-identical results, however the prompt is cut. A cold run puts a token alone only when
+    # it is the last prompt token and lands at a multiple of the micro-batch size. So stored KV
+    # never comes from a batch of one, and the suffix left for llama-cpp-python to evaluate is
+    # chosen so that its last token is alone exactly when the cold run's is.
+
+    def suffix_start(self, n_prompt: int, cached: int, *, generating: bool = True) -> int:
+        """How many of ``cached`` live prompt tokens to keep so the rest evaluates like a cold run.
+
+        ``generating``: llama-cpp-python evaluates the suffix (in n_batch chunks from the kept
+        position, at least one token) and samples from its last token's logits. Otherwise the
+        suffix goes through :meth:`evaluate`, which never makes a batch of one itself.
+        """
+        unit = self.unit
+        s = max(1, n_prompt - cached) if generating else n_prompt - cached
+        if not generating:
+            return n_prompt - (2 if s == 1 and n_prompt >= 2 else s)
+        if (n_prompt - 1) % unit == 0:  # the cold run evaluates the last token alone: so must we
+            s = 1 + unit * -(-(s - 1) // unit)
+        elif s % unit == 1:  # it does not: never leave a batch of one at the end
+            s += 1
+        return max(0, n_prompt - s)
+
+    def last_token_alone(self, n_prompt: int, start: int) -> bool:
+        """Whether llama-cpp-python evaluates the prompt's last token alone from ``start`` on."""
+        return (n_prompt - start) % self.unit == 1 or self.unit == 1
+
     def evaluate(self, tokens: Sequence[int], progress: Progress | None = None) -> None:
-        """Append ``tokens`` to sequence 0, in batches of at most n_batch."""
+        """Append ``tokens`` to sequence 0, in batches of at most one micro-batch, none of one
+        token (unless ``tokens`` is one token: callers keep that from happening)."""
         start = self.llm.n_tokens
         self.validate(list(self.live_tokens()) + list(tokens))
         total = len(tokens)
-        for i in range(0, total, self.n_batch):
-            self.llm.eval(tokens[i : i + self.n_batch])
+        cuts = list(range(0, total, self.unit))
+        if total > 1 and total - cuts[-1] == 1 and self.unit > 2:
+            cuts[-1] -= 1  # ... unit, unit - 1, 2 instead of ... unit, unit, 1
+        for a, b in itertools.pairwise([*cuts, total]):
+            self.llm.eval(tokens[a:b])
             if progress is not None:
-                progress(min(total, i + self.n_batch), total)
+                progress(b, total)
         assert self.llm.n_tokens == start + total
         self.exact = self.llm.n_tokens
 
