@@ -138,9 +138,7 @@ def test_broken_recipes_give_one_red_line(
 
 def small_recipe(folder: Path, name: str = "tiny") -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(
-        f"name: {name}\nprefix:\n  - system: {json.dumps(numbered_lines(name, 12))}\n"
-    )
+    path.write_text(f"name: {name}\nprefix:\n  - system: {json.dumps(numbered_lines(name, 12))}\n")
     return path
 
 
