@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .cache import PrefixCache
+from .config import resolve_model
 from .errors import PrefixCacheError, PromptTooLongError, TemplateError
 from .prewarm import context_size, group_by_model, prewarm
 from .recipes import Recipe, load_recipes, watched_paths
@@ -337,7 +338,7 @@ class Server:
         recipes = self._load_recipes()
         groups = group_by_model(recipes, self.config.model) if recipes else {}
         if not groups:
-            groups = {Path(self._default_model()): []}
+            groups = {self._default_model(): []}
         for model, group in groups.items():
             worker = self._worker_for(model, group)
             self._prewarm(worker, group)
@@ -345,8 +346,6 @@ class Server:
         self._seen = self.snapshot()
 
     def _default_model(self) -> Path:
-        from .config import resolve_model
-
         return resolve_model(self.config.model)
 
     def _load_recipes(self) -> list[Recipe]:
