@@ -75,7 +75,7 @@ class LlamaKV:
         self._ensure_scratch_sequence()
         self.n_ctx = int(llm.n_ctx())
         self.n_batch = int(llm.n_batch)
-        #: llama.cpp computes a batch in micro-batches of this many tokens (see singleton_free).
+        #: llama.cpp computes a batch in micro-batches of this many tokens (see suffix_start).
         self.unit = int(llm.context_params.n_ubatch) or self.n_batch
         if self.n_batch % self.unit:
             raise UnsupportedModelError(

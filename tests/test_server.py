@@ -6,12 +6,12 @@ model and a temporary store) and talks HTTP to it, as an agent framework would.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,26 +44,12 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 
 
 def write_recipe(folder: Path, system: str) -> Path:
+    """A recipe pinning ``system`` with TOOL (written as JSON, which is YAML too)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "shop.yaml"
     path.write_text(
-        textwrap.dedent(
-            f"""\
-            name: shop
-            n_ctx: {N_CTX}
-            tools:
-              - type: function
-                function:
-                  name: stock_level
-                  description: How many units of a product are in stock.
-                  parameters:
-                    type: object
-                    properties: {{sku: {{type: string}}}}
-                    required: [sku]
-            prefix:
-              - system: {system!r}
-            """
-        )
+        f"name: shop\nn_ctx: {N_CTX}\ntools: [{json.dumps(TOOL)}]\n"
+        f"prefix:\n  - system: {json.dumps(system)}\n"
     )
     return path
 
