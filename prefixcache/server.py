@@ -335,18 +335,20 @@ class Server:
 
     def start(self) -> None:
         """Load the models and prewarm every recipe (before the server listens)."""
-        recipes = self._load_recipes()
+        self._apply(self._load_recipes())
+
+    def _apply(self, recipes: list[Recipe]) -> None:
+        """Prewarm ``recipes`` on their models (loading those not loaded yet) and watch them.
+
+        With no recipes and no model loaded yet, the default model is loaded.
+        """
         groups = group_by_model(recipes, self.config.model) if recipes else {}
-        if not groups:
-            groups = {self._default_model(): []}
+        if not groups and not self.workers:
+            groups = {resolve_model(self.config.model): []}
         for model, group in groups.items():
-            worker = self._worker_for(model, group)
-            self._prewarm(worker, group)
+            self._prewarm(self._worker_for(model, group), group)
         self._watched = watched_paths(recipes)
         self._seen = self.snapshot()
-
-    def _default_model(self) -> Path:
-        return resolve_model(self.config.model)
 
     def _load_recipes(self) -> list[Recipe]:
         paths = self.config.recipe_paths
@@ -394,14 +396,10 @@ class Server:
         with self._reload_lock:
             try:
                 recipes = self._load_recipes()
-                groups = group_by_model(recipes, self.config.model)
-                for model, group in groups.items():
-                    self._prewarm(self._worker_for(model, group), group)
+                self._apply(recipes)
             except PrefixCacheError as exc:
                 log.error("reload (%s) failed, serving the previous recipes: %s", reason, exc)
                 return False
-            self._watched = watched_paths(recipes)
-            self._seen = self.snapshot()
             self.reloads += 1
             log.info("recipes reloaded (%s): %d recipes", reason, len(recipes))
             return True
