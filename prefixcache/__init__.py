@@ -4,7 +4,8 @@ Declare the stable prefix of an agent's prompts once, store its KV state on disk
 restore the longest stored prefix of every prompt so that only the new suffix is evaluated.
 """
 
-from .cache import Calibration, PinInfo, PrefixCache, Prepared, Stats
+from .cache import PinInfo, PrefixCache, Prepared, Stats
+from .calibration import Calibration
 from .errors import (
     ConfigError,
     CorruptSegmentError,
@@ -13,6 +14,7 @@ from .errors import (
     PromptTooLongError,
     QuotaExceededError,
     RecipeError,
+    SegmentRefusedError,
     StoreError,
     TemplateError,
     UnsupportedModelError,
@@ -21,6 +23,7 @@ from .fingerprint import Fingerprint
 from .radix import Match, RadixIndex
 from .segment import Pin, Segment
 from .store import DiskStore, Store, open_store
+from .stream import Stream
 
 __version__ = "0.1.0"
 
@@ -42,8 +45,10 @@ __all__ = [
     "RadixIndex",
     "RecipeError",
     "Segment",
+    "SegmentRefusedError",
     "Stats",
     "Store",
+    "Stream",
     "StoreError",
     "TemplateError",
     "UnsupportedModelError",

@@ -14,25 +14,30 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import llama_cpp
 
 from . import config
+from .calibration import Calibration
+from .catalog import Catalog, Known
 from .errors import (
     CorruptSegmentError,
-    IncompatibleStateError,
     PrefixCacheError,
     PromptTooLongError,
+    SegmentRefusedError,
+    StoreError,
     TemplateError,
+    UnauthenticatedSegmentError,
 )
-from .fingerprint import Fingerprint
+from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
 from .lifecycle import Eviction, check_pin_quota, enforce_quota
-from .radix import Match, RadixIndex, as_tokens, common_prefix_length
-from .segment import Pin, Segment, checksum, checksum_matches, root_key, segment_key
+from .radix import Match, as_tokens, common_prefix_length
+from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
+from .stream import Stream, model_lock
 from .template import ChatTemplate, Message
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,9 @@ DEFAULT_SEGMENT_TOKENS = 1024
 #: A shared head shorter than this is duplicated into a new segment rather than split out.
 SPLIT_MIN_TOKENS = 64
 _CALIBRATION_DOC = "calibration:"
+#: What a store can raise when it is down, full or unwritable (storing and bookkeeping are
+#: optimisations: these never fail a call whose answer is ready).
+_STORE_FAILURES = (StoreError, OSError)
 
 
 @dataclass
@@ -64,42 +72,9 @@ class Stats:
     segments_restored: int = 0
     segments_saved: int = 0
     bytes_saved: int = 0
-    corrupt_segments: int = 0
-
-
-@dataclass
-class Calibration:
-    """Measured speeds on this machine and model: the cost model for autosave."""
-
-    prefill_tokens_per_s: float = 0.0
-    restore_bytes_per_s: float = 0.0
-    restore_overhead_s: float = 0.002
-    bytes_per_token: float = 0.0
-
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens >= 8 and seconds > 0:
-            self.prefill_tokens_per_s = _ema(self.prefill_tokens_per_s, tokens / seconds)
-
-    def observe_restore(self, nbytes: int, tokens: int, seconds: float) -> None:
-        if nbytes >= 1 << 20 and seconds > 0:
-            self.restore_bytes_per_s = _ema(self.restore_bytes_per_s, nbytes / seconds)
-        if tokens:
-            self.bytes_per_token = nbytes / tokens
-
-    def min_span_tokens(self) -> int:
-        """Smallest span whose restore is cheaper than prefilling it again."""
-        if not (self.prefill_tokens_per_s and self.restore_bytes_per_s and self.bytes_per_token):
-            return 4
-        per_token_gain = (
-            1 / self.prefill_tokens_per_s - self.bytes_per_token / self.restore_bytes_per_s
-        )
-        if per_token_gain <= 0:
-            return 1 << 30  # restoring is never cheaper: do not autosave
-        return max(1, int(self.restore_overhead_s / per_token_gain) + 1)
-
-
-def _ema(old: float, new: float, weight: float = 0.3) -> float:
-    return new if old <= 0 else (1 - weight) * old + weight * new
+    corrupt_segments: int = 0  # failed their checksum: quarantined
+    refused_segments: int = 0  # intact, but not restorable here: kept, prefilled instead
+    store_errors: int = 0  # store reads or writes that failed; the call went on without them
 
 
 @dataclass(frozen=True)
@@ -131,22 +106,6 @@ class PinInfo:
     new_bytes: int
 
 
-@dataclass
-class _Known:
-    """Index of one namespace, with the segment metadata behind it."""
-
-    index: RadixIndex = field(default_factory=RadixIndex)
-    segments: dict[str, Segment] = field(default_factory=dict)
-
-
-def _model_lock(llm: llama_cpp.Llama) -> threading.RLock:
-    lock = getattr(llm, "_prefixcache_lock", None)
-    if lock is None:
-        lock = threading.RLock()
-        llm._prefixcache_lock = lock  # type: ignore[attr-defined]
-    return lock
-
-
 class PrefixCache:
     """A token-level prefix cache for one ``llama_cpp.Llama``.
 
@@ -157,6 +116,9 @@ class PrefixCache:
         autosave: store the new part of every conversation after each call.
         quota_gb: store size limit; unpinned segments are evicted LRU beyond it.
         segment_tokens: chunk size of stored segments.
+        store_key: a secret shared by the processes that trust each other's segments (None:
+            ``$PREFIXCACHE_STORE_KEY`` if set). Segments are then signed with a keyed MAC and
+            unsigned or wrongly signed ones are refused (see docs/security.md).
     """
 
     def __init__(
@@ -168,9 +130,10 @@ class PrefixCache:
         autosave: bool = True,
         quota_gb: float | None = None,
         segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
+        store_key: str | bytes | None = None,
     ):
         self.llm = llm
-        self._lock = _model_lock(llm)
+        self._lock = model_lock(llm)
         with self._lock:
             self.kv = LlamaKV(llm)
         self.template = ChatTemplate(llm)
@@ -186,10 +149,12 @@ class PrefixCache:
             "fingerprint:" + self.fingerprint.digest,
             {**self.fingerprint.to_dict(), "model_path": str(llm.model_path)},
         )
-        self._known: dict[str, _Known] = {}
-        self._generation = -1
-        self._explained = False
+        self.integrity = Integrity.from_config(store_key)
+        self.catalog = Catalog(self.store, self.fingerprint, self.integrity.key_id)
         self._stats = Stats()
+        self._reported: set[tuple[str, type]] = set()
+        self._owns_llm = False
+        self._closed = False
         cal = self.store.get_doc(_CALIBRATION_DOC + self.fingerprint.digest) or {}
         self.calibration = Calibration(
             **{k: float(v) for k, v in cal.items() if k in asdict(Calibration())}
@@ -208,6 +173,7 @@ class PrefixCache:
         namespace: str = "",
         autosave: bool = True,
         quota_gb: float | None = None,
+        store_key: str | bytes | None = None,
         **llama_kwargs: Any,
     ) -> PrefixCache:
         """Load a model (default: the bundled SmolLM2) and open a cache on it."""
@@ -224,91 +190,35 @@ class PrefixCache:
             )
         except ValueError as exc:
             raise PrefixCacheError(f"cannot load model {path}: {exc}") from exc
-        return cls(llm, store, namespace=namespace, autosave=autosave, quota_gb=quota_gb)
+        try:
+            cache = cls(
+                llm,
+                store,
+                namespace=namespace,
+                autosave=autosave,
+                quota_gb=quota_gb,
+                store_key=store_key,
+            )
+        except BaseException:
+            llm.close()
+            raise
+        cache._owns_llm = True
+        return cache
 
     # index ----------------------------------------------------------------------------------
 
     def root(self, namespace: str | None = None) -> str:
-        ns = self.namespace if namespace is None else namespace
-        return root_key(self.fingerprint.digest, ns)
-
-    def _sync(self, namespace: str) -> _Known:
-        """Bring the in-memory index up to date with the store (other processes write too)."""
-        gen = self.store.generation()
-        known = self._known.get(namespace)
-        if known is not None and gen == self._generation:
-            return known
-        root = self.root(namespace)
-        if known is None:
-            known = self._known[namespace] = _Known()
-        stored = self.store.keys()
-        for key in [k for k in known.segments if k not in stored]:
-            self._forget(known, key)
-        new = []
-        for key in stored - known.segments.keys():
-            try:
-                seg = self.store.get(key)
-            except CorruptSegmentError as exc:
-                log.warning("ignoring segment %s: %s", key[:16], exc.reason)
-                continue
-            if seg is not None and seg.root == root:
-                new.append(seg)
-        for seg in sorted(new, key=lambda s: s.start):
-            parent = None if seg.parent == root else seg.parent
-            if parent is not None and parent not in known.index:
-                continue  # its parent is gone: unreachable, gc removes it
-            known.index.insert(seg.key, parent, seg.tokens)
-            known.segments[seg.key] = seg
-        self._explain_miss(stored, known)
-        # Other namespaces are refreshed on their next use.
-        for ns in list(self._known):
-            if ns != namespace:
-                del self._known[ns]
-        self._generation = gen
-        return known
-
-    def _forget(self, known: _Known, key: str) -> None:
-        if key not in known.index:
-            known.segments.pop(key, None)
-            return
-        for k in [*known.index.descendants(key), key]:
-            known.index.remove(k)
-            known.segments.pop(k, None)
+        return self.catalog.root(self.namespace if namespace is None else namespace)
 
     def check_compatible(self, fingerprint_digest: str) -> None:
         """Raise IncompatibleStateError naming the field in which a stored fingerprint differs."""
-        if fingerprint_digest == self.fingerprint.digest:
-            return
-        doc = self.store.get_doc("fingerprint:" + fingerprint_digest)
-        if doc is None:
-            raise IncompatibleStateError("fingerprint", fingerprint_digest, self.fingerprint.digest)
-        stored = Fingerprint.from_dict(doc)
-        self.fingerprint.require_equal(stored)
-        raise IncompatibleStateError("fingerprint", fingerprint_digest, self.fingerprint.digest)
-
-    def _explain_miss(self, stored: set[str], known: _Known) -> None:
-        """Log once why segments in the store are not usable here (another model or settings)."""
-        if known.segments or self._explained or not stored:
-            return
-        self._explained = True
-        for key in list(stored)[:50]:
-            try:
-                seg = self.store.get(key)
-            except CorruptSegmentError:
-                continue
-            if seg is None or seg.fingerprint == self.fingerprint.digest:
-                continue
-            try:
-                self.check_compatible(seg.fingerprint)
-            except IncompatibleStateError as exc:
-                log.warning("stored segments are not restorable here: %s", exc)
-                return
+        self.catalog.check_compatible(fingerprint_digest)
 
     def lookup(self, tokens: Sequence[int], namespace: str | None = None) -> Match:
         """The longest stored prefix of ``tokens`` (no model work)."""
         ns = self.namespace if namespace is None else namespace
         with self._lock:
-            return self._sync(ns).index.match(tokens)
+            return self.catalog.sync(ns).index.match(tokens)
 
     # restore --------------------------------------------------------------------------------
 
@@ -316,14 +226,20 @@ class PrefixCache:
         """Make the context hold the longest available prefix of ``tokens``.
 
         Returns ``(cached, restored, seconds)``: tokens whose KV is now live, how many of them
-        came from the store, and the time spent restoring.
+        came from the store, and the time spent restoring. A store that cannot be read, or a
+        segment that cannot be used, only shortens what is restored: the rest is prefilled.
         """
         # Live KV left by another tenant is never reused: its speed would tell this tenant
         # what the other one just sent.
         live = 0
         if self.kv.owner == namespace:
             live = common_prefix_length(self.kv.live_tokens(), tokens)
-        known = self._sync(namespace)
+        try:
+            known = self.catalog.sync(namespace)
+        except _STORE_FAILURES as exc:
+            self._store_failed("reading the index", exc)
+            self.kv.truncate(live)
+            return live, 0, 0.0
         match = known.index.match(tokens)
         if match.length <= live:
             self.kv.truncate(live)
@@ -335,14 +251,14 @@ class PrefixCache:
         restored_bytes = 0
         now = time.time()
         for seg in todo:
-            try:
-                self._load(seg)
-            except CorruptSegmentError as exc:
-                self._on_bad_segment(known, seg, exc)
+            if not self._load(known, seg):
                 break
             restored_bytes += seg.nbytes
-            self.store.touch(seg.key, now)
             self._stats.segments_restored += 1
+            try:
+                self.store.touch(seg.key, now)
+            except _STORE_FAILURES as exc:
+                self._store_failed("recording a hit", exc)
         cached = min(match.length, self.llm.n_tokens)
         self.kv.truncate(cached)
         seconds = time.perf_counter() - t0
@@ -351,38 +267,41 @@ class PrefixCache:
         self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
         return cached, restored, seconds
 
-    def _load(self, seg: Segment) -> None:
-        buf = self.kv.buffer(seg.nbytes)
-        self.store.read_kv(seg, buf)
-        if not checksum_matches(buf, seg.checksum):
-            raise CorruptSegmentError(seg.key, "checksum mismatch")
-        try:
-            self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
-        except CorruptSegmentError as exc:
-            raise CorruptSegmentError(seg.key, exc.reason) from None
+    def _load(self, known: Known, seg: Segment) -> bool:
+        """Load one segment onto the live KV; False (the KV left as it was) when it cannot be.
 
-    def _on_bad_segment(self, known: _Known, seg: Segment, exc: CorruptSegmentError) -> None:
-        """Quarantine a segment that failed to load, and everything chained to it."""
-        if self.store.get(seg.key) is None:
-            log.info("segment %s was evicted while restoring; prefilling instead", seg.key[:16])
-            self._forget(known, seg.key)
-            return
-        doomed = (
-            [*known.index.descendants(seg.key), seg.key] if seg.key in known.index else [seg.key]
-        )
-        log.warning(
-            "segment %s is corrupt (%s): quarantined with %d descendant(s); prefilling instead",
-            seg.key[:16],
-            exc.reason,
-            len(doomed) - 1,
-        )
-        notes = self.store.get_doc("quarantine") or {}
-        notes[seg.key] = {"reason": exc.reason, "time": time.time(), "descendants": len(doomed) - 1}
-        self.store.set_doc("quarantine", notes)
-        for key in doomed:
-            self.store.delete(key)
-        self._forget(known, seg.key)
-        self._stats.corrupt_segments += 1
+        Only bytes that fail their checksum are quarantined; a segment that is intact but that
+        llama.cpp refuses here stays in the store for the processes that can use it.
+        """
+        buf = self.kv.buffer(seg.nbytes)
+        try:
+            self.store.read_kv(seg, buf)
+            if not checksum_matches(buf, seg.checksum):
+                raise CorruptSegmentError(seg.key, "checksum mismatch")
+            self.integrity.verify(seg, buf)
+            self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
+            return True
+        except CorruptSegmentError as exc:
+            try:
+                if self.catalog.quarantine(known, seg, exc.reason):
+                    self._stats.corrupt_segments += 1
+            except _STORE_FAILURES as exc2:
+                self._store_failed("quarantining a corrupt segment", exc2)
+                self.catalog.refuse(known, seg, exc.reason)
+        except (SegmentRefusedError, UnauthenticatedSegmentError) as exc:
+            self.catalog.refuse(known, seg, exc.reason)
+            self._stats.refused_segments += 1
+        except _STORE_FAILURES as exc:
+            self._store_failed("reading a segment", exc)
+        return False
+
+    def _store_failed(self, doing: str, exc: BaseException) -> None:
+        """Count a store failure that the call survives; log each kind once."""
+        self._stats.store_errors += 1
+        kind = (doing, type(exc))
+        level = logging.DEBUG if kind in self._reported else logging.WARNING
+        self._reported.add(kind)
+        log.log(level, "store failure while %s (the call goes on without it): %s", doing, exc)
 
     def _prepare(
         self, tokens: list[int], namespace: str, extra: int = 1, *, generating: bool = True
@@ -449,14 +368,14 @@ class PrefixCache:
         """
         if common_prefix_length(self.kv.live_tokens(), tokens[:end]) < end:
             raise RuntimeError("the span to store is not live in the context")
-        known = self._sync(namespace)
+        known = self.catalog.sync(namespace)
         root = self.root(namespace)
         parent, at = known.index.deepest_boundary(tokens[:end])
         if at == end:
             return parent, [], 0
         matched = known.index.match(tokens[:end]).length
         cuts = {b for b in boundaries if at < b < end}
-        if matched - at >= SPLIT_MIN_TOKENS:
+        if matched < end and matched - at >= SPLIT_MIN_TOKENS:
             # The span runs inside an existing segment for a while: store that shared head on
             # its own so that both branches chain from it instead of duplicating it again.
             cuts.add(matched)
@@ -487,7 +406,7 @@ class PrefixCache:
                 created=now,
                 label=label,
             )
-            segs.append((seg, data))
+            segs.append((self.integrity.sign(seg, data), data))
             p = key
         new_keys = [s.key for s, _ in segs]
         new_bytes = sum(s.nbytes for s, _ in segs)
@@ -500,14 +419,22 @@ class PrefixCache:
                 written += 1
                 self._stats.segments_saved += 1
                 self._stats.bytes_saved += seg.nbytes
-            known.index.insert(seg.key, None if seg.parent == root else seg.parent, seg.tokens)
-            known.segments[seg.key] = seg
-        if self.store.generation() == gen_before + written and self._generation == gen_before:
-            self._generation = gen_before + written
+            self.catalog.add(known, seg)
+        self.catalog.wrote(gen_before, written)
         return p, new_keys, new_bytes
 
     def _evict(self, protect: Sequence[str] = ()) -> Eviction:
         return enforce_quota(self.store, self.quota_bytes, time.time(), protect)
+
+    def _after_store(self, protect: Sequence[str] = ()) -> None:
+        """Enforce the quota and keep the calibration: bookkeeping that never fails a call."""
+        try:
+            # The new segments are the most recent, so LRU evicts them last; under a quota too
+            # small for them they go too, which is what a quota means.
+            self._evict(protect)
+            self._save_calibration()
+        except Exception as exc:  # diskcache's lock Timeout is no OSError
+            self._store_failed("enforcing the quota", exc)
 
     # pins -----------------------------------------------------------------------------------
 
@@ -579,8 +506,7 @@ class PrefixCache:
                     digest=digest,
                 )
             )
-            self._evict(protect=[last])
-            self._save_calibration()
+            self._after_store(protect=[last])
             return PinInfo(name, last, len(tokens), len(todo), len(new_keys), new_bytes)
 
     def unpin(self, name: str, *, namespace: str | None = None) -> bool:
@@ -692,7 +618,14 @@ class PrefixCache:
         ns = self.namespace if namespace is None else namespace
         save = self.autosave if autosave is None else autosave
         if stream:
-            return self._generate_stream(start, chunk_object, ns, save, kwargs)
+            include_usage = bool((kwargs.pop("stream_options", None) or {}).get("include_usage"))
+
+            def body(cancel: threading.Event) -> Iterator[dict[str, Any]]:
+                return self._stream_chunks(
+                    start, chunk_object, ns, save, kwargs, include_usage, cancel
+                )
+
+            return Stream(body, self._lock)
         with self._lock:
             tokens, call = start()
             prepared = self._prepare_call(tokens, ns, kwargs)
@@ -722,44 +655,51 @@ class PrefixCache:
         else:
             self._stats.prefill_tokens += prefilled
 
-    def _generate_stream(
+    def _stream_chunks(
         self,
         start: Callable[[], tuple[list[int], Callable[..., Any]]],
         chunk_object: str,
         ns: str,
         save: bool,
         kwargs: dict[str, Any],
+        include_usage: bool,
+        cancel: threading.Event,
     ) -> Iterator[dict[str, Any]]:
-        include_usage = bool((kwargs.pop("stream_options", None) or {}).get("include_usage"))
-        with self._lock:
-            tokens, call = start()
-            prepared = self._prepare_call(tokens, ns, kwargs)
-            t0 = time.perf_counter()
-            n_chunks = 0
-            last: dict[str, Any] = {}
-            for chunk in call(stream=True, **kwargs):
+        """The body of a streaming call; runs under the model lock on the Stream's thread."""
+        tokens, call = start()
+        prepared = self._prepare_call(tokens, ns, kwargs)
+        t0 = time.perf_counter()
+        n_chunks = 0
+        last: dict[str, Any] = {}
+        chunks = call(stream=True, **kwargs)
+        try:
+            for chunk in chunks:
                 choices = chunk.get("choices") or [{}]
                 if choices[0].get("text") or choices[0].get("delta", {}).get("content"):
                     n_chunks += 1
                 last = chunk
                 yield chunk
-            self._after_call(prepared, time.perf_counter() - t0, n_chunks)
-            if save:
-                self._autosave(ns, prepared)
-            if include_usage:
-                yield {
-                    "id": last.get("id", ""),
-                    "object": chunk_object,
-                    "created": last.get("created", int(time.time())),
-                    "model": last.get("model", ""),
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prepared.prompt_tokens,
-                        "completion_tokens": n_chunks,
-                        "total_tokens": prepared.prompt_tokens + n_chunks,
-                        "prompt_tokens_details": {"cached_tokens": prepared.reused_tokens},
-                    },
-                }
+                if cancel.is_set():
+                    break
+        finally:
+            chunks.close()
+        self._after_call(prepared, time.perf_counter() - t0, n_chunks)
+        if save:
+            self._autosave(ns, prepared)
+        if include_usage and not cancel.is_set():
+            yield {
+                "id": last.get("id", ""),
+                "object": chunk_object,
+                "created": last.get("created", int(time.time())),
+                "model": last.get("model", ""),
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prepared.prompt_tokens,
+                    "completion_tokens": n_chunks,
+                    "total_tokens": prepared.prompt_tokens + n_chunks,
+                    "prompt_tokens_details": {"cached_tokens": prepared.reused_tokens},
+                },
+            }
 
     def _autosave(self, ns: str, prepared: Prepared) -> None:
         """Store the prompt of the call just made, so the next turn restores all of it.
@@ -767,7 +707,9 @@ class PrefixCache:
         The reply is not stored: tokens decoded one at a time have KV that differs in the last
         bits from a batched prefill, and restoring it would make the next turn's output differ
         from a cold run. The next turn prefills the reply with its new message, and its own
-        autosave then stores both.
+        autosave then stores both. Storing is an optimisation: the answer is already made, so a
+        failure here (a full disk, a store that is down, a lock timeout) is logged and counted
+        in ``stats()["store_errors"]``, never raised.
         """
         end = common_prefix_length(self.kv.live_tokens(), prepared.tokens)
         if end <= 0:
@@ -780,12 +722,10 @@ class PrefixCache:
                 label="autosave",
                 min_span=self.calibration.min_span_tokens(),
             )
-        except PrefixCacheError as exc:
-            log.warning("autosave skipped: %s", exc)
+        except Exception as exc:  # see the docstring
+            self._store_failed("autosaving", exc)
             return
-        # The new segments are the most recent, so LRU evicts them last; under a quota too
-        # small for them they go too, which is what a quota means.
-        self._evict()
+        self._after_store()
 
     # reporting ------------------------------------------------------------------------------
 
@@ -829,8 +769,18 @@ class PrefixCache:
             return self.calibration
 
     def close(self) -> None:
-        self._save_calibration()
-        self.store.close()
+        """Save the calibration, close the store and, if :meth:`open` loaded it, the model."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._save_calibration()
+            except Exception as exc:  # closing must not fail on bookkeeping
+                self._store_failed("saving the calibration", exc)
+            self.store.close()
+            if self._owns_llm:
+                self.llm.close()
 
     def __enter__(self) -> PrefixCache:
         return self
@@ -839,4 +789,4 @@ class PrefixCache:
         self.close()
 
 
-__all__ = ["Calibration", "PinInfo", "PrefixCache", "Prepared", "Stats", "as_tokens"]
+__all__ = ["PinInfo", "PrefixCache", "Prepared", "Stats", "as_tokens"]

@@ -68,6 +68,31 @@ class CorruptSegmentError(PrefixCacheError):
         super().__init__(f"segment {key[:16]} is corrupt: {reason}")
 
 
+class UnauthenticatedSegmentError(PrefixCacheError):
+    """A stored segment has no valid MAC for this store key: refused, but kept in the store.
+
+    Not a CorruptSegmentError: the bytes may be intact (written without a key, or with another
+    one), so the segment is never quarantined; the prompt is prefilled instead.
+    """
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"segment {key[:16]} is not authenticated: {reason}")
+
+
+class SegmentRefusedError(PrefixCacheError):
+    """An intact segment (its checksum holds) that llama.cpp will not load into this context.
+
+    The segment is kept in the store, where other processes may use it; this one prefills.
+    """
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"segment {key[:16]} cannot be restored here: {reason}")
+
+
 class StoreError(PrefixCacheError):
     """The store cannot be opened, read or written."""
 
@@ -90,6 +115,20 @@ class UnsupportedModelError(PrefixCacheError):
     """The model or context cannot have its KV state restored by token range."""
 
 
+class StoreFullError(StoreError):
+    """The shared store refuses new data: it is full (Redis ``maxmemory``) or read-only.
+
+    Reads go on: restores still work, usage bookkeeping is skipped, a tiered store keeps new
+    segments in its local tier, and pinning fails until room is made (lower ``quota_gb`` so
+    that eviction frees space, unpin or remove prefixes, or raise ``maxmemory``).
+    """
+
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        self.reason = reason
+        super().__init__(f"shared store {url} refuses writes: {reason}")
+
+
 __all__ = [
     "ConfigError",
     "CorruptSegmentError",
@@ -98,7 +137,10 @@ __all__ = [
     "PromptTooLongError",
     "QuotaExceededError",
     "RecipeError",
+    "SegmentRefusedError",
     "StoreError",
+    "StoreFullError",
     "TemplateError",
+    "UnauthenticatedSegmentError",
     "UnsupportedModelError",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
-import time
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -25,6 +24,7 @@ from .errors import (
     CorruptSegmentError,
     PrefixCacheError,
     PromptTooLongError,
+    SegmentRefusedError,
     UnsupportedModelError,
 )
 from .fingerprint import Fingerprint, file_digest
@@ -99,6 +99,7 @@ class LlamaKV:
         old = llm._ctx
         llm._ctx = new
         old.close()
+        llm._stack.callback(new.close)  # Llama.close() frees the new context too
         if getattr(llm, "_lora_adapter", None) is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(llm.lora_scale)
@@ -289,7 +290,7 @@ class LlamaKV:
             lo = llama_cpp.llama_memory_seq_pos_min(mem, SCRATCH)
             hi = llama_cpp.llama_memory_seq_pos_max(mem, SCRATCH)
             if not loaded or (lo, hi) != (start, end - 1):
-                raise CorruptSegmentError(
+                raise SegmentRefusedError(
                     "?",
                     f"llama.cpp rejected the state (loaded={loaded}, positions {lo}..{hi}, "
                     f"expected {start}..{end - 1})",
@@ -302,10 +303,3 @@ class LlamaKV:
         llm.n_tokens = end
         self.exact = end
         llm._requires_eval = True
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """Run ``fn`` and return its result and the seconds it took."""
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t

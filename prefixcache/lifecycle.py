@@ -41,6 +41,10 @@ def pinned_keys(store: Store, segments: dict[str, Segment], now: float) -> set[s
     return keys
 
 
+#: How long an eviction waits for another process's eviction to finish before giving up.
+EVICTION_LOCK_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True)
 class Eviction:
     evicted: tuple[str, ...]
@@ -69,7 +73,7 @@ def enforce_quota(
     total = store.total_bytes()
     if quota_bytes is None or total <= quota_bytes:
         return Eviction((), 0, total)
-    with store.lock("evict", timeout=60):
+    with store.lock("evict", timeout=EVICTION_LOCK_TIMEOUT_S):
         segments = {s.key: s for s in store.segments()}
         total = sum(s.nbytes for s in segments.values())
         keep = pinned_keys(store, segments, now) | set(protect)

@@ -1,0 +1,172 @@
+"""What is stored and how to find it: per-namespace radix indexes kept in step with the store.
+
+Other processes write to the same store, so each lookup first compares the store's generation
+counter with the one the index was built at and, when it moved, adds and drops segments. A segment
+that fails its checksum is quarantined (deleted with its descendants, and noted in the store); one
+that is intact but cannot be used here (llama.cpp refuses it, or it is not authenticated with this
+process's store key) is only skipped by this process: other hosts may use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .errors import CorruptSegmentError, IncompatibleStateError
+from .fingerprint import Fingerprint
+from .radix import RadixIndex
+from .segment import Segment, root_key
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Known:
+    """Index of one namespace, with the segment metadata behind it."""
+
+    index: RadixIndex = field(default_factory=RadixIndex)
+    segments: dict[str, Segment] = field(default_factory=dict)
+
+
+class Catalog:
+    """The segments of one fingerprint in a store, indexed by namespace."""
+
+    def __init__(self, store: Store, fingerprint: Fingerprint, key_id: str = ""):
+        self.store = store
+        self.fingerprint = fingerprint
+        self.key_id = key_id  # the store key's public name: each key has a key space of its own
+        self._known: dict[str, Known] = {}
+        self._generation = -1
+        self._explained = False
+        #: Segments this process will not restore (key -> why), though they stay in the store.
+        self.refused: dict[str, str] = {}
+
+    def root(self, namespace: str) -> str:
+        return root_key(self.fingerprint.digest, namespace, self.key_id)
+
+    def sync(self, namespace: str) -> Known:
+        """The namespace's index, brought up to date with the store (other processes write too)."""
+        gen = self.store.generation()
+        known = self._known.get(namespace)
+        if known is not None and gen == self._generation:
+            return known
+        root = self.root(namespace)
+        if known is None:
+            known = self._known[namespace] = Known()
+        stored = self.store.keys()
+        for key in [k for k in known.segments if k not in stored]:
+            self.forget(known, key)
+        new = []
+        for key in stored - known.segments.keys() - self.refused.keys():
+            try:
+                seg = self.store.get(key)
+            except CorruptSegmentError as exc:
+                log.warning("ignoring segment %s: %s", key[:16], exc.reason)
+                continue
+            if seg is not None and seg.root == root:
+                new.append(seg)
+        for seg in sorted(new, key=lambda s: s.start):
+            parent = None if seg.parent == root else seg.parent
+            if parent is not None and parent not in known.index:
+                continue  # its parent is gone or refused: unreachable here
+            known.index.insert(seg.key, parent, seg.tokens)
+            known.segments[seg.key] = seg
+        self._explain_miss(stored, known)
+        # Other namespaces are refreshed on their next use.
+        for ns in list(self._known):
+            if ns != namespace:
+                del self._known[ns]
+        self._generation = gen
+        return known
+
+    def add(self, known: Known, seg: Segment) -> None:
+        """Index a segment this process has just written."""
+        root = self.root(seg.namespace)
+        known.index.insert(seg.key, None if seg.parent == root else seg.parent, seg.tokens)
+        known.segments[seg.key] = seg
+
+    def wrote(self, generation_before: int, written: int) -> None:
+        """Note that this process moved the store's generation by ``written`` (no resync needed
+        unless someone else wrote too)."""
+        after = self.store.generation()
+        if after == generation_before + written and self._generation == generation_before:
+            self._generation = after
+
+    def forget(self, known: Known, key: str) -> list[str]:
+        """Drop a segment and its descendants from the index (not from the store)."""
+        if key not in known.index:
+            known.segments.pop(key, None)
+            return [key]
+        doomed = [*known.index.descendants(key), key]
+        for k in doomed:
+            known.index.remove(k)
+            known.segments.pop(k, None)
+        return doomed
+
+    def quarantine(self, known: Known, seg: Segment, reason: str) -> int:
+        """Delete a segment whose bytes are damaged, with everything chained to it.
+
+        Returns how many segments were removed (0 when it had already been evicted).
+        """
+        if self.store.get(seg.key) is None:
+            log.info("segment %s was evicted while restoring; prefilling instead", seg.key[:16])
+            self.forget(known, seg.key)
+            return 0
+        doomed = self.forget(known, seg.key)
+        log.warning(
+            "segment %s is corrupt (%s): quarantined with %d descendant(s); prefilling instead",
+            seg.key[:16],
+            reason,
+            len(doomed) - 1,
+        )
+        notes = self.store.get_doc("quarantine") or {}
+        notes[seg.key] = {"reason": reason, "time": time.time(), "descendants": len(doomed) - 1}
+        self.store.set_doc("quarantine", notes)
+        for key in doomed:
+            self.store.delete(key)
+        return len(doomed)
+
+    def refuse(self, known: Known, seg: Segment, reason: str) -> None:
+        """Stop restoring an intact segment in this process; it stays in the store for others."""
+        if seg.key not in self.refused:
+            log.warning(
+                "segment %s is not restorable here (%s): kept in the store, prefilling instead",
+                seg.key[:16],
+                reason,
+            )
+        for key in self.forget(known, seg.key):
+            self.refused[key] = reason
+
+    def check_compatible(self, fingerprint_digest: str) -> None:
+        """Raise IncompatibleStateError naming the field in which a stored fingerprint differs."""
+        if fingerprint_digest == self.fingerprint.digest:
+            return
+        doc = self.store.get_doc("fingerprint:" + fingerprint_digest)
+        if doc is None:
+            raise IncompatibleStateError("fingerprint", fingerprint_digest, self.fingerprint.digest)
+        stored = Fingerprint.from_dict(doc)
+        self.fingerprint.require_equal(stored)
+        raise IncompatibleStateError("fingerprint", fingerprint_digest, self.fingerprint.digest)
+
+    def _explain_miss(self, stored: set[str], known: Known) -> None:
+        """Log once why segments in the store are not usable here (another model or settings)."""
+        if known.segments or self._explained or not stored:
+            return
+        self._explained = True
+        for key in list(stored)[:50]:
+            try:
+                seg = self.store.get(key)
+            except CorruptSegmentError:
+                continue
+            if seg is None or seg.fingerprint == self.fingerprint.digest:
+                continue
+            try:
+                self.check_compatible(seg.fingerprint)
+            except IncompatibleStateError as exc:
+                log.warning("stored segments are not restorable here: %s", exc)
+                return
+
+
+__all__ = ["Catalog", "Known"]
