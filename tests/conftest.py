@@ -79,3 +79,22 @@ def open_cache(store: Path) -> Callable[..., PrefixCache]:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="prefixcache")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Knobs of the differential fuzz test (tests/test_fuzz.py)."""
+    group = parser.getgroup("prefixcache fuzz")
+    group.addoption(
+        "--fuzz-runs",
+        type=int,
+        default=None,
+        help="programs the differential fuzz runs (default: the CI budget; "
+        "env PREFIXCACHE_FUZZ_RUNS)",
+    )
+    group.addoption(
+        "--fuzz-store",
+        choices=("disk", "redis"),
+        default=None,
+        help="store of the differential fuzz: a directory (default) or a tiered store on a "
+        "redis-server it kills and restarts (env PREFIXCACHE_FUZZ_STORE)",
+    )
