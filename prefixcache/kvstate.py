@@ -10,11 +10,12 @@ failures abort the process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import logging
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import llama_cpp
@@ -90,12 +91,18 @@ class LlamaKV:
     def _ensure_scratch_sequence(self) -> None:
         llm = self.llm
         ctx = llm._ctx.ctx
-        if llama_cpp.llama_n_seq_max(ctx) >= 2 and llm.context_params.kv_unified:
-            return
         params = llm.context_params
+        auto_fa = params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        if llama_cpp.llama_n_seq_max(ctx) >= 2 and params.kv_unified and not auto_fa:
+            return
         params.n_seq_max = 2
         params.kv_unified = True
-        new = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+        with _llama_log_lines() as lines:
+            new = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+        if auto_fa:
+            # The fingerprint must name the attention llama.cpp chose: the V cache layout (and
+            # so the stored bytes) differs with and without flash attention.
+            params.flash_attn_type = _resolved_flash_attn(lines)
         old = llm._ctx
         llm._ctx = new
         old.close()
@@ -303,3 +310,33 @@ class LlamaKV:
         llm.n_tokens = end
         self.exact = end
         llm._requires_eval = True
+
+
+@contextlib.contextmanager
+def _llama_log_lines() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines while the block runs (they still reach its usual logger)."""
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _resolved_flash_attn(log_lines: Sequence[str]) -> int:
+    """What llama.cpp made of ``flash_attn_type=auto`` for a context, from its log."""
+    text = "".join(log_lines)
+    if "Flash Attention enabled" in text:
+        return int(llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
+    if "Flash Attention not supported" in text:
+        return int(llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    log.warning("cannot tell whether llama.cpp enabled flash attention; keyed as 'auto'")
+    return int(llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)

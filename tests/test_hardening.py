@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 from conftest import N_CTX, SYSTEM
 
@@ -265,3 +266,18 @@ def test_close_frees_the_model_it_opened_but_not_an_adopted_one(open_cache, stor
     adopter.close()
     assert adopted_from.llm._ctx.ctx is not None
     assert adopted_from.chat(ask("Hi"), max_tokens=2, temperature=0)
+
+
+def test_the_fingerprint_names_the_flash_attention_llama_cpp_chose(model_path, store):
+    """A context asking for flash_attn "auto" is keyed by what llama.cpp resolved it to, so it
+    shares segments with a context that asked for that mode explicitly."""
+    auto = llama_cpp.Llama(str(model_path), n_ctx=N_CTX, verbose=False)
+    auto.context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    resolved = PrefixCache(auto, store).fingerprint
+    assert resolved.flash_attn in (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    )
+    on = resolved.flash_attn == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    explicit = llama_cpp.Llama(str(model_path), n_ctx=N_CTX, verbose=False, flash_attn=on)
+    assert PrefixCache(explicit, store).fingerprint.digest == resolved.digest
