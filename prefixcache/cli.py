@@ -606,8 +606,34 @@ def serve_cmd(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     api_keys: Annotated[
         list[str] | None,
-        typer.Option("--api-key", help="Require this bearer key (repeatable; one namespace each)."),
+        typer.Option(
+            "--api-key",
+            help="Require this bearer key (repeatable; one namespace each). Shows in ps: "
+            "prefer --api-key-file or $PREFIXCACHE_API_KEYS.",
+        ),
     ] = None,
+    api_key_files: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--api-key-file",
+            help="File of bearer keys, one a line, # comments (repeatable). "
+            "$PREFIXCACHE_API_KEYS adds comma-separated keys.",
+        ),
+    ] = None,
+    recipes_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Recipes, extends and includes must resolve under this folder "
+            "(default: each --recipes folder, or a recipe file's folder).",
+        ),
+    ] = None,
+    no_recipes_root: Annotated[
+        bool,
+        typer.Option(
+            "--no-recipes-root",
+            help="Let recipes read any file the server can, as the other commands do.",
+        ),
+    ] = False,
     max_queue: Annotated[
         int, typer.Option(min=0, help="Requests that may wait; beyond it: HTTP 429.")
     ] = 8,
@@ -621,11 +647,14 @@ def serve_cmd(
     """An OpenAI-compatible HTTP server with the prefix cache built in."""
     opts = _options(ctx)
     try:
-        from .server import serve
+        from .server import read_api_keys, serve
     except ImportError as exc:
         raise ConfigError(
             f"the server needs its extra: pip install 'prefixcache[server]' ({exc})"
         ) from exc
+    if recipes_root is not None and no_recipes_root:
+        raise ConfigError("give --recipes-root or --no-recipes-root, not both")
+    keys = read_api_keys(api_keys or [], api_key_files or [])
     # A server logs plain timestamped lines (start-up, prewarm progress, reloads), not rich ones.
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -639,12 +668,14 @@ def serve_cmd(
         store=opts.store,
         host=host,
         port=port,
-        api_keys=list(api_keys or []),
+        api_keys=keys,
         n_ctx=opts.n_ctx,
         max_queue=max_queue,
         quota_gb=opts.quota_gb,
         verbose=opts.verbose,
         watch_interval=watch_interval or None,
+        recipes_root=recipes_root,
+        confine_recipes=not no_recipes_root,
     )
 
 

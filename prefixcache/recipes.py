@@ -35,6 +35,11 @@ Schema (every key is optional except ``prefix``)::
 ``prefix`` must list at least one message, except in a recipe that extends another and adds tools.
 YAML is read with safe loading only, and a mapping that repeats a key is an error (plain
 ``yaml.safe_load`` would silently keep the last value).
+
+Includes and ``extends`` may name any file the process can read (absolute paths, ``..``, symlinks
+that leave the folder), which suits recipes one writes for oneself. A loader that reads recipes
+written by someone less trusted (the server) passes ``root``: every recipe file, parent and
+included file must then resolve, after symlinks, under one of the root folders.
 """
 
 from __future__ import annotations
@@ -87,6 +92,11 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
+#: What ``root`` may be given as: a folder, several folders, or None for no confinement.
+RecipeRoot = str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None
+#: The resolved root folders, or None.
+_Roots = tuple[Path, ...] | None
+
 
 @dataclass(frozen=True)
 class IncludeSpec:
@@ -110,9 +120,18 @@ class IncludeSpec:
 
     @classmethod
     def from_dict(
-        cls, data: Any, *, recipe_path: Path, line: int, message_index: int
+        cls,
+        data: Any,
+        *,
+        recipe_path: Path,
+        line: int,
+        message_index: int,
+        root: RecipeRoot = None,
     ) -> IncludeSpec:
-        """Validate an ``include`` mapping and resolve its paths against the recipe's folder."""
+        """Validate an ``include`` mapping and resolve its paths against the recipe's folder.
+
+        With ``root``, each file must resolve (after symlinks) under one of its folders.
+        """
         if not isinstance(data, Mapping):
             raise RecipeError(
                 f"include must be a mapping with paths: [...], got {_show(data)}",
@@ -144,7 +163,7 @@ class IncludeSpec:
             max_tokens=_get_positive_int(data, "max_tokens", recipe_path),
             role=role,
             header=_get_optional_text(data, "header", recipe_path),
-            files=_resolve_files(data["paths"], rules, recipe_path),
+            files=_resolve_files(data["paths"], rules, recipe_path, _roots(root)),
             message_index=message_index,
         )
 
@@ -168,17 +187,25 @@ class Recipe:
 
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], *, path: str | Path, parent: Recipe | None = None
+        cls,
+        data: Mapping[str, Any],
+        *,
+        path: str | Path,
+        parent: Recipe | None = None,
+        root: RecipeRoot = None,
     ) -> Recipe:
         """Build a recipe from parsed YAML; included files are read now.
 
         ``extends`` is not followed here: the caller passes the loaded parent (as
         :func:`load_recipe` does). Settings absent from ``data`` are taken from the parent.
+        With ``root``, included files must resolve under one of its folders.
         """
         path = Path(path).absolute()
         _check_keys(data, _TOP_LEVEL_KEYS, "top-level key", path)
         tools = _parse_tools(data, path, parent)
-        messages, includes = _parse_prefix(data, path, parent, has_tools=bool(tools))
+        messages, includes = _parse_prefix(
+            data, path, parent, has_tools=bool(tools), roots=_roots(root)
+        )
         return cls(
             name=_parse_name(data, path),
             path=path,
@@ -234,30 +261,38 @@ class Recipe:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load one recipe file, following its ``extends`` chain."""
-    return _load(Path(path), {}, ())
+def load_recipe(path: str | Path, *, root: RecipeRoot = None) -> Recipe:
+    """Load one recipe file, following its ``extends`` chain (confined to ``root`` if given)."""
+    roots = _roots(root)
+    _confine(Path(path), roots, "recipe file", Path(path), None)
+    return _load(Path(path), {}, (), roots)
 
 
-def load_recipes(paths: Iterable[str | Path]) -> list[Recipe]:
+def load_recipes(paths: Iterable[str | Path], *, root: RecipeRoot = None) -> list[Recipe]:
     """Load recipe files and folders (each ``*.yaml``/``*.yml`` directly inside, sorted).
 
     Parents come before their children, and each recipe appears once, including a parent that was
     not named itself. Two recipes with the same name are an error, since names identify them.
+
+    ``root`` (a folder, or several) confines what the recipes may read: each recipe file, each
+    ``extends`` parent and each included file must resolve, after symlinks, under one of them, else
+    :class:`RecipeError` names the file and line. ``None`` (the default) allows any file.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    roots = _roots(root)
     loaded: dict[Path, Recipe] = {}
     ordered: dict[Path, Recipe] = {}
     for file in _recipe_files(paths):
-        for recipe in _load(file, loaded, ()).chain:
+        _confine(file, roots, "recipe file", file, None)
+        for recipe in _load(file, loaded, (), roots).chain:
             ordered.setdefault(recipe.path, recipe)
     recipes = list(ordered.values())
     _check_unique_names(recipes)
     return recipes
 
 
-def _load(path: Path, loaded: dict[Path, Recipe], stack: tuple[Path, ...]) -> Recipe:
+def _load(path: Path, loaded: dict[Path, Recipe], stack: tuple[Path, ...], roots: _Roots) -> Recipe:
     """Load ``path`` and its parents; ``loaded`` shares recipes, ``stack`` catches cycles."""
     path = path.resolve()
     if path in loaded:
@@ -265,14 +300,18 @@ def _load(path: Path, loaded: dict[Path, Recipe], stack: tuple[Path, ...]) -> Re
     data = _read_yaml(path)
     # Report this file's own key mistakes before any in its parent.
     _check_keys(data, _TOP_LEVEL_KEYS, "top-level key", path)
-    parent = _load_parent(data, path, loaded, (*stack, path))
-    recipe = Recipe.from_dict(data, path=path, parent=parent)
+    parent = _load_parent(data, path, loaded, (*stack, path), roots)
+    recipe = Recipe.from_dict(data, path=path, parent=parent, root=roots)
     loaded[path] = recipe
     return recipe
 
 
 def _load_parent(
-    data: Mapping[str, Any], path: Path, loaded: dict[Path, Recipe], stack: tuple[Path, ...]
+    data: Mapping[str, Any],
+    path: Path,
+    loaded: dict[Path, Recipe],
+    stack: tuple[Path, ...],
+    roots: _Roots,
 ) -> Recipe | None:
     """Load the recipe named by ``extends``, if any, refusing cycles."""
     value = data.get("extends")
@@ -283,6 +322,7 @@ def _load_parent(
         raise RecipeError(
             f"extends must be the path of a parent recipe, got {_show(value)}", path=path, line=line
         )
+    _confine(_absolute(path.parent, value), roots, "extends", path, line, value)
     parent_path = _absolute(path.parent, value).resolve()
     if parent_path == path:
         raise RecipeError("a recipe cannot extend itself", path=path, line=line)
@@ -292,7 +332,7 @@ def _load_parent(
         raise RecipeError(f"extends makes a cycle: {shown}", path=path, line=line)
     if not parent_path.is_file():
         raise RecipeError(f"extends: no such recipe file '{value}'", path=path, line=line)
-    return _load(parent_path, loaded, stack)
+    return _load(parent_path, loaded, stack, roots)
 
 
 def _recipe_files(paths: Iterable[str | Path]) -> Iterator[Path]:
@@ -749,7 +789,12 @@ def _plain_json(value: Any, line: int, path: Path) -> Any:
 
 
 def _parse_prefix(
-    data: Mapping[str, Any], path: Path, parent: Recipe | None, *, has_tools: bool
+    data: Mapping[str, Any],
+    path: Path,
+    parent: Recipe | None,
+    *,
+    has_tools: bool,
+    roots: _Roots = None,
 ) -> tuple[tuple[dict[str, str], ...], tuple[IncludeSpec, ...]]:
     """The messages of ``prefix``, with each include rendered, and the include specs."""
     items = data.get("prefix")
@@ -775,7 +820,7 @@ def _parse_prefix(
         role, value = _single_key(item, item_line, path)
         if role == "include":
             spec = IncludeSpec.from_dict(
-                value, recipe_path=path, line=item_line, message_index=len(messages)
+                value, recipe_path=path, line=item_line, message_index=len(messages), root=roots
             )
             includes.append(spec)
             messages.append({"role": spec.role, "content": _render_include(spec, path)})
@@ -861,11 +906,15 @@ def _decide(spec: pathspec.GitIgnoreSpec, relpath: str, ignored: bool) -> bool:
     return ignored if decision is None else decision
 
 
-def _resolve_files(patterns: list[Any], rules: _IgnoreRules, recipe_path: Path) -> tuple[Path, ...]:
+def _resolve_files(
+    patterns: list[Any], rules: _IgnoreRules, recipe_path: Path, roots: _Roots = None
+) -> tuple[Path, ...]:
     """Absolute paths of the files an include names, deduplicated, in render order.
 
     A plain path is taken as named; a glob (``*``, ``?``, ``[``; ``**`` recurses, names starting
     with a dot are skipped) keeps the files the ignore rules allow, and must keep at least one.
+    With ``roots``, a file that resolves outside them is an error, not skipped: the recipe would
+    not render what its author wrote.
     """
     folder = recipe_path.parent
     found: set[Path] = set()
@@ -881,9 +930,12 @@ def _resolve_files(patterns: list[Any], rules: _IgnoreRules, recipe_path: Path) 
                 raise RecipeError(
                     f"include pattern '{pattern}' matches no {why}", path=recipe_path, line=line
                 )
+            for file in kept:
+                _confine(file, roots, "include", recipe_path, line, _display_path(file, folder))
             found.update(kept)
         else:
             file = _absolute(folder, pattern)
+            _confine(file, roots, "include", recipe_path, line, pattern)
             if file.is_dir():
                 raise RecipeError(
                     f"include: '{pattern}' is a folder; use '{pattern}/**' for the files in it",
@@ -957,6 +1009,39 @@ def _file_block(shown: str, text: str) -> str:
     return f"### {shown}\n{fence}\n{body}{fence}\n"
 
 
+def _roots(root: RecipeRoot) -> _Roots:
+    """``root`` as resolved folders (symlinks followed, so that resolved files compare)."""
+    if root is None:
+        return None
+    if isinstance(root, (str, os.PathLike)):
+        root = [root]
+    return tuple(Path(r).expanduser().resolve() for r in root)
+
+
+def _confine(
+    file: Path, roots: _Roots, what: str, path: Path, line: int | None, name: str | None = None
+) -> None:
+    """Refuse ``file`` unless it resolves, after symlinks, under one of ``roots``.
+
+    Checked before the file's existence, so that errors do not tell whether a file outside the
+    roots exists. The check happens at load time: it keeps a recipe from naming files outside
+    the roots, not someone who can swap files while the loader runs.
+    """
+    if roots is None:
+        return
+    real = file.resolve()
+    if any(real.is_relative_to(r) for r in roots):
+        return
+    shown = " or ".join(str(r) for r in roots)
+    via = f" (it resolves to {real})" if real != Path(os.path.abspath(file)) else ""
+    raise RecipeError(
+        f"{what}: '{name or file}' is outside the recipe root {shown}{via}; only files under the "
+        "root may be read",
+        path=path,
+        line=line,
+    )
+
+
 def _absolute(folder: Path, name: str) -> Path:
     """``name`` relative to ``folder`` (or absolute), with ``..`` folded but symlinks kept."""
     return Path(os.path.normpath(folder / name))
@@ -974,6 +1059,7 @@ __all__ = [
     "RECIPE_SUFFIXES",
     "IncludeSpec",
     "Recipe",
+    "RecipeRoot",
     "check_fits",
     "check_token_limits",
     "load_recipe",

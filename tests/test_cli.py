@@ -7,9 +7,10 @@ stores are temporary directories given through ``PREFIXCACHE_DIR``.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,52 @@ def test_errors_are_one_line_without_traceback(run: Run, tmp_path: Path) -> None
     assert "holds no *.yaml" in result.stderr
     result = run("--model", tmp_path / "missing.gguf", "prewarm", small_recipe(tmp_path), code=1)
     assert result.stderr.count("\n") == 1 and "missing.gguf" in result.stderr
+
+
+@pytest.fixture
+def server_logging() -> Iterator[None]:
+    """``serve`` swaps the prefixcache logger's handlers for plain ones: put them back after."""
+    logger = logging.getLogger("prefixcache")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    "include",
+    [lambda secret: str(secret), lambda secret: "../private/secret.txt", "symlink"],
+    ids=["absolute", "dotdot", "symlink"],
+)
+def test_serve_refuses_includes_outside_the_recipe_folder_that_prewarm_reads(
+    run: Run, tmp_path: Path, include: Any, server_logging: None
+) -> None:
+    secret = tmp_path / "private" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("The vault code is 4471.\n")
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    if include == "symlink":
+        (folder / "notes.txt").symlink_to(secret)
+        path = "notes.txt"
+    else:
+        path = include(secret)
+    recipe = folder / "leak.yaml"
+    recipe.write_text(f"name: leak\nprefix:\n  - include:\n      paths: [{json.dumps(path)}]\n")
+
+    result = run("serve", "--recipes", folder, code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {recipe.resolve()}:4: include: ")
+    assert "outside the recipe root" in lines[0] and "4471" not in lines[0]
+
+    # The CLI's own commands trust the recipes they are given.
+    assert prewarm_json(run, folder)["leak"]["n_tokens"] > 0
+
+
+def test_serve_needs_a_readable_api_key_file(run: Run, tmp_path: Path) -> None:
+    result = run("serve", "--api-key-file", tmp_path / "nope.txt", code=1)
+    assert result.stderr.count("\n") == 1 and "nope.txt" in result.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# no keys yet\n\n")
+    assert "holds no key" in run("serve", "--api-key-file", empty, code=1).stderr

@@ -415,6 +415,112 @@ def test_load_recipes_refuses_two_recipes_with_one_name(tmp_path: Path) -> None:
     assert caught.value.path == str((tmp_path / "b.yaml").resolve())
 
 
+# --- confinement to a root folder (the server's loader) ------------------------------------------
+
+SECRET = "TOP SECRET: the database password is hunter2"
+
+
+def _escape_absolute(recipes: Path, outside: Path) -> tuple[str, int]:
+    return f"prefix:\n  - system: s\n  - include:\n      paths: [{outside / 'secret.txt'}]\n", 4
+
+
+def _escape_dotdot(recipes: Path, outside: Path) -> tuple[str, int]:
+    return "prefix:\n  - system: s\n  - include:\n      paths: [../outside/secret.txt]\n", 4
+
+
+def _escape_symlinked_file(recipes: Path, outside: Path) -> tuple[str, int]:
+    (recipes / "docs").mkdir()
+    (recipes / "docs" / "notes.txt").symlink_to(outside / "secret.txt")
+    return "prefix:\n  - include:\n      paths: [docs/notes.txt]\n", 3
+
+
+def _escape_symlinked_folder_glob(recipes: Path, outside: Path) -> tuple[str, int]:
+    (recipes / "docs").mkdir()
+    (recipes / "docs" / "readme.txt").write_text("inside\n")
+    (recipes / "docs" / "more").symlink_to(outside, target_is_directory=True)
+    return "prefix:\n  - include:\n      paths: ['docs/**/*.txt']\n", 3
+
+
+def _escape_extends(recipes: Path, outside: Path) -> tuple[str, int]:
+    return "name: agent\nextends: ../outside/base.yaml\nprefix: [{user: hi}]\n", 2
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        _escape_absolute,
+        _escape_dotdot,
+        _escape_symlinked_file,
+        _escape_symlinked_folder_glob,
+        _escape_extends,
+    ],
+    ids=["absolute", "dotdot", "symlinked-file", "symlinked-folder-glob", "extends"],
+)
+def test_a_root_refuses_files_outside_it_and_no_root_reads_them(
+    tmp_path: Path, escape: Callable[[Path, Path], tuple[str, int]]
+) -> None:
+    outside = tmp_path / "outside"
+    write(outside, "secret.txt", SECRET + "\n")
+    write(outside, "base.yaml", f"name: base\nprefix: [{{system: '{SECRET}'}}]\n")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    text, line = escape(recipes, outside)
+    agent = write(recipes, "agent.yaml", text)
+
+    with pytest.raises(RecipeError, match="outside the recipe root") as caught:
+        load_recipes([recipes], root=recipes)
+    assert caught.value.path == str(agent.resolve())
+    assert caught.value.line == line
+    assert str(recipes.resolve()) in str(caught.value)
+    assert SECRET not in str(caught.value)
+    with pytest.raises(RecipeError, match="outside the recipe root"):
+        load_recipe(agent, root=recipes)
+
+    # Without a root (the CLI's loader) the same recipe reads the file.
+    loaded = {r.name: r for r in load_recipes([recipes])}
+    assert any(SECRET in m["content"] for m in loaded["agent"].messages)
+
+
+def test_a_root_refuses_a_recipe_file_that_is_a_symlink_out_of_the_folder(tmp_path: Path) -> None:
+    outside = write(tmp_path / "outside", "stray.yaml", "prefix: [{system: stray}]\n")
+    recipes = tmp_path / "recipes"
+    write(recipes, "agent.yaml", "prefix: [{system: agent}]\n")
+    (recipes / "stray.yaml").symlink_to(outside)
+    with pytest.raises(RecipeError, match=r"recipe file: .* is outside the recipe root"):
+        load_recipes([recipes], root=recipes)
+    assert [r.name for r in load_recipes([recipes])] == ["agent", "stray"]
+
+
+def test_a_root_allows_files_and_symlinks_that_stay_under_it(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    write(recipes, "shared/base.yaml", "prefix: [{system: base}]\n")
+    write(recipes, "docs/a.txt", "alpha\n")
+    (recipes / "docs" / "alias.txt").symlink_to(recipes / "docs" / "a.txt")
+    write(
+        recipes,
+        "agents/agent.yaml",
+        """\
+        extends: ../shared/base.yaml
+        prefix:
+          - include:
+              paths: [../docs/alias.txt, '../docs/*.txt']
+        """,
+    )
+    # A root given through a symlink compares after resolving too.
+    link = tmp_path / "link"
+    link.symlink_to(recipes, target_is_directory=True)
+    (agent,) = [r for r in load_recipes([recipes / "agents"], root=link) if r.name == "agent"]
+    assert agent.parent is not None and agent.parent.name == "base"
+    assert [f.name for f in agent.includes[0].files] == ["a.txt", "alias.txt"]
+
+
+def test_a_root_hides_whether_a_file_outside_it_exists(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    write(recipes, "a.yaml", "prefix:\n  - include:\n      paths: [/no/such/file.txt]\n")
+    with pytest.raises(RecipeError, match="outside the recipe root"):
+        load_recipes([recipes], root=recipes)
+
+
 # --- token checks --------------------------------------------------------------------------------
 
 

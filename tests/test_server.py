@@ -1,7 +1,9 @@
 """``prefixcache serve`` on loopback, driven by the official ``openai`` client.
 
-Every test starts the real server (a subprocess running the console command on the real SmolLM2
-model and a temporary store) and talks HTTP to it, as an agent framework would.
+Most tests start the real server (a subprocess running the console command on the real SmolLM2
+model and a temporary store) and talks HTTP to it, as an agent framework would. Reload tests that
+need to look inside (which models are loaded, which pins are left) drive a :class:`Server` in
+process, on the same real model and store.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import openai
 import pytest
 from conftest import N_CTX, SYSTEM
 
+from prefixcache.errors import RecipeError
+from prefixcache.prewarm import prewarm
+from prefixcache.recipes import load_recipe
+from prefixcache.server import APIError, ModelWorker, Server, ServerConfig
 from prefixcache.template import ChatTemplate
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
@@ -94,13 +100,16 @@ def recipes(tmp_path: Path) -> Path:
 def serve(store: Path, recipes: Path, tmp_path: Path) -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
 
-    def start(*args: str) -> Served:
+    def start(*args: str, env: dict[str, str] | None = None, store_url: str = "") -> Served:
         port = free_port()
         log = tmp_path / f"server-{port}.log"
-        cmd = [sys.executable, "-m", "prefixcache", "--store", str(store), "--n-ctx", str(N_CTX)]
-        cmd += ["serve", "--recipes", str(recipes), "--port", str(port), *args]
+        cmd = [sys.executable, "-m", "prefixcache", "--store", store_url or str(store)]
+        cmd += ["--n-ctx", str(N_CTX), "serve", "--recipes", str(recipes), "--port", str(port)]
+        cmd += args
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         served = Served(f"http://127.0.0.1:{port}", proc, log)
         started.append(served)
 
@@ -353,3 +362,199 @@ def test_recipes_reload_on_file_change_and_on_sighup(serve, recipes, cold_with_t
     write_recipe(recipes, new_system)
     os.kill(served.proc.pid, signal.SIGHUP)
     served.wait_for("the SIGHUP reload", lambda: "recipes reloaded (SIGHUP)" in served.logs())
+
+
+# --- API keys -----------------------------------------------------------------------------------
+
+
+def test_api_keys_from_a_file_and_the_environment_stay_out_of_ps(serve, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key a line\n\ntok-file-1\n   tok-file-2   \n")
+    keys.chmod(0o600)
+    served = serve(
+        "--api-key-file", str(keys), env={"PREFIXCACHE_API_KEYS": "tok-env-1, tok-env-2"}
+    )
+    assert b"tok-" not in Path(f"/proc/{served.proc.pid}/cmdline").read_bytes()
+
+    reply = served.client("tok-env-2").completions.create(
+        model=MODEL_ID, prompt="Timber is", max_tokens=2, temperature=0
+    )
+    assert reply.choices[0].text
+    models = served.url + "/v1/models"
+    for key in ("tok-file-1", "tok-file-2", "tok-env-1"):
+        answer = httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert answer.status_code == 200, key
+    for header in ("Bearer tok-file", "Bearer tok-file-10", "Bearer # one key a line", "tok-env-1"):
+        answer = httpx.get(models, headers={"Authorization": header}, timeout=10)
+        assert answer.status_code == 401, header
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_tells_only_liveness_without_a_valid_key(serve):
+    served = serve("--api-key", "key-a")
+    health = served.url + "/health"
+    assert httpx.get(health, timeout=10).json() == {"status": "ok"}
+    wrong = httpx.get(health, headers={"Authorization": "Bearer key-b"}, timeout=10)
+    assert wrong.status_code == 200 and wrong.json() == {"status": "ok"}
+    full = httpx.get(health, headers={"Authorization": "Bearer key-a"}, timeout=10).json()
+    assert full["models"] == {MODEL_ID: {"queued": 0}}
+    assert full["recipe_reloads"] == 0 and full["uptime_s"] >= 0
+
+
+# --- /metrics off the event loop ----------------------------------------------------------------
+
+
+def test_health_answers_while_metrics_waits_for_a_stalled_store(serve, tmp_path):
+    from test_redis import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    try:
+        served = serve(store_url=redis.url(socket_timeout="20"))
+        assert redis.proc is not None
+        scraped: list[httpx.Response] = []
+        scrape = threading.Thread(
+            target=lambda: scraped.append(httpx.get(served.url + "/metrics", timeout=60))
+        )
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # the store stops answering; sockets stay open
+        try:
+            scrape.start()
+            time.sleep(1.5)
+            assert scrape.is_alive(), "the scrape should be waiting for the stalled store"
+            t0 = time.perf_counter()
+            assert httpx.get(served.url + "/health", timeout=5).json()["status"] == "ok"
+            assert time.perf_counter() - t0 < 2
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        scrape.join(timeout=60)
+        assert scraped and scraped[0].status_code == 200
+        assert f'prefixcache_store_bytes{{model="{MODEL_ID}"}}' in scraped[0].text
+    finally:
+        redis.kill()
+
+
+# --- recipes confined to their folder -----------------------------------------------------------
+
+
+def _include_absolute(recipes: Path, secret: Path) -> str:
+    return str(secret)
+
+
+def _include_dotdot(recipes: Path, secret: Path) -> str:
+    return f"../{secret.parent.name}/{secret.name}"
+
+
+def _include_symlink(recipes: Path, secret: Path) -> str:
+    (recipes / "notes.txt").symlink_to(secret)
+    return "notes.txt"
+
+
+ESCAPES = [_include_absolute, _include_dotdot, _include_symlink]
+ESCAPE_IDS = ["absolute", "dotdot", "symlink"]
+
+
+def escaping_recipe(tmp_path: Path, escape: Callable[[Path, Path], str]) -> tuple[Path, Path]:
+    """A recipe folder whose one recipe includes a file outside it; returns (folder, recipe)."""
+    secret = tmp_path / "private" / "secret.txt"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("the database password is hunter2\n")
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    recipe = folder / "leak.yaml"
+    path = escape(folder, secret)
+    recipe.write_text(f"name: leak\nprefix:\n  - include:\n      paths: [{json.dumps(path)}]\n")
+    return folder, recipe
+
+
+@pytest.mark.parametrize("escape", ESCAPES, ids=ESCAPE_IDS)
+def test_the_server_refuses_includes_outside_the_recipe_folder(tmp_path, store, escape):
+    folder, recipe = escaping_recipe(tmp_path, escape)
+    server = Server(ServerConfig(recipe_paths=[folder], store=str(store), watch_interval=None))
+    with pytest.raises(RecipeError, match="outside the recipe root") as caught:
+        server.start()  # refused while loading the recipes, before any model is loaded
+    assert (caught.value.path, caught.value.line) == (str(recipe.resolve()), 4)
+    assert not server.workers
+
+    # --no-recipes-root, or a root wide enough, lets the server read it (as the CLI always does).
+    for config in (
+        ServerConfig(recipe_paths=[folder], confine_recipes=False),
+        ServerConfig(recipe_paths=[folder], recipes_root=tmp_path),
+    ):
+        (leak,) = Server(config)._load_recipes()
+        assert "hunter2" in leak.messages[0]["content"]
+
+
+# --- reloads: nothing leaks, nothing is changed under the event loop -----------------------------
+
+
+def write_named(folder: Path, file: str, name: str, text: str, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file
+    path.write_text(f"name: {name}\n{extra}prefix:\n  - system: {json.dumps(text)}\n")
+    return path
+
+
+@pytest.fixture
+def in_process(store: Path) -> Iterator[Callable[[Path], Server]]:
+    """A started :class:`Server` over a recipe folder, in this process; closed at the end."""
+    servers: list[Server] = []
+
+    def start(folder: Path) -> Server:
+        config = ServerConfig(recipe_paths=[folder], store=str(store), watch_interval=None)
+        server = Server(config)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def pin_names(worker: ModelWorker) -> set[str]:
+    return {p.name for p in worker.submit(worker.cache.pins, admit=False).result()}
+
+
+def test_reload_unpins_deleted_and_renamed_recipes_and_keeps_other_pins(in_process, tmp_path):
+    folder = tmp_path / "recipes"
+    write_named(folder, "a.yaml", "alpha", "You answer questions about alpha. " * 6)
+    write_named(folder, "b.yaml", "beta", "You answer questions about beta. " * 6)
+    server = in_process(folder)
+    worker = server.workers[MODEL_ID]
+    # Pins this server does not answer for: a recipe from another folder, and one made by hand.
+    other = write_named(tmp_path / "elsewhere", "c.yaml", "gamma", "About gamma. " * 6)
+    worker.submit(lambda: prewarm(worker.cache, load_recipe(other)), admit=False).result()
+    manual = [{"role": "system", "content": "Pinned by hand. " * 6}]
+    worker.submit(lambda: worker.cache.pin(manual, "manual"), admit=False).result()
+    assert pin_names(worker) == {"alpha", "beta", "gamma", "manual"}
+
+    (folder / "b.yaml").unlink()
+    write_named(folder, "a.yaml", "alpha-2", "You answer questions about alpha. " * 6)
+    assert server.reload("test")
+    assert pin_names(worker) == {"alpha-2", "gamma", "manual"}
+    assert [r.name for r in worker.recipes] == ["alpha-2"]
+
+
+def test_reload_unloads_models_no_recipe_uses_and_swaps_the_workers_map(
+    in_process, tmp_path, model_path
+):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "Other.gguf").symlink_to(model_path)  # models are not confined to the recipe folder
+    folder = tmp_path / "recipes"
+    system = "You answer questions about timber. " * 6
+    write_named(folder, "a.yaml", "alpha", system)
+    server = in_process(folder)
+    before = server.workers
+    seen = dict(before)
+    old = before[MODEL_ID]
+
+    write_named(folder, "a.yaml", "alpha", system, extra="model: ../models/Other.gguf\n")
+    assert server.reload("test")
+    # The event loop may be iterating the old map: it was replaced, never changed.
+    assert dict(before) == seen and server.workers is not before
+    assert list(server.workers) == ["Other"]
+    assert old.closed
+    with pytest.raises(APIError) as unloaded:
+        old.submit(lambda: None)
+    assert unloaded.value.status == 404 and "unloaded" in unloaded.value.message
+    assert pin_names(server.workers["Other"]) == {"alpha"}
