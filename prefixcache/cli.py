@@ -64,6 +64,7 @@ class Options:
     n_ctx: int | None = None
     quota_gb: float | None = None
     verbose: bool = False
+    store_key: str | None = None
 
     @property
     def quota_bytes(self) -> int | None:
@@ -112,9 +113,19 @@ def main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show llama.cpp logs and tracebacks.")
     ] = False,
+    store_key: Annotated[
+        str | None,
+        typer.Option(
+            "--store-key",
+            envvar=config.STORE_KEY_ENV,
+            help="Secret that signs stored segments and refuses unsigned ones (docs/security.md);"
+            " prefer the env var: argv shows in ps.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Pin, prewarm and restore llama.cpp KV prefixes for local LLM agents."""
-    ctx.obj = Options(store, model, n_ctx, quota_gb, verbose)
+    ctx.obj = Options(store, model, n_ctx, quota_gb, verbose, store_key)
     for handler in [h for h in log.handlers if isinstance(h, RichHandler)]:
         log.removeHandler(handler)
     log.addHandler(RichHandler(console=err_console, show_path=False, show_time=False))
@@ -169,6 +180,7 @@ def _cache(opts: Options, model: Path, n_ctx: int, autosave: bool = True) -> Ite
             verbose=opts.verbose,
             quota_gb=opts.quota_gb,
             autosave=autosave,
+            store_key=opts.store_key,  # None: $PREFIXCACHE_STORE_KEY, read by the library
         )
     try:
         yield cache

