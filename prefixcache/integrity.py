@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 ALGORITHM = "hmac-sha256"
 #: Separates these MACs from any other use of the same secret, and versions the message layout.
 _DOMAIN = b"prefixcache/segment-mac/1"
+#: The same for documents (seal/unseal), so that a segment MAC never passes as a document's.
+_DOC_DOMAIN = b"prefixcache/doc-mac/1"
+#: Where a sealed document keeps its MAC.
+DOC_MAC_FIELD = "_mac"
 #: Shorter secrets are accepted but logged: a MAC is only as strong as its key.
 MIN_KEY_BYTES = 16
 
@@ -139,5 +143,40 @@ class Integrity:
                 seg.key, "wrong MAC (stored with another store key, or altered)"
             )
 
+    # Documents ------------------------------------------------------------------------------
+    # The store also holds small JSON documents. Most are hints (calibration, quarantine notes),
+    # but the model-digest memo decides fingerprints, hence which segments a model restores: a
+    # forged memo entry would give model B the fingerprint of model A, whose segments carry
+    # valid MACs. With a key, such documents are sealed, and one that is not is ignored.
 
-__all__ = ["ALGORITHM", "Integrity"]
+    def _doc_mac(self, name: str, doc: dict[str, Any]) -> str:
+        body = {k: v for k, v in doc.items() if k != DOC_MAC_FIELD}
+        payload = json.dumps([name, body], separators=(",", ":"), sort_keys=True).encode()
+        digest = hmac.new(self._key, _DOC_DOMAIN + b"\0" + payload, "sha256").hexdigest()
+        return f"{ALGORITHM}:{digest}"
+
+    def seal(self, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` (stored under ``name``) with a MAC in ``"_mac"``; unchanged without a key."""
+        if not self.enabled:
+            return doc
+        return {**doc, DOC_MAC_FIELD: self._doc_mac(name, doc)}
+
+    def unseal(self, name: str, doc: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The content of a document read from the store under ``name``, without its MAC.
+
+        With a key, a document whose MAC is missing or wrong is None: treat it as absent (it is
+        recomputed and sealed again). Without a key every document is taken as it is.
+        """
+        if doc is None:
+            return None
+        mac = doc.get(DOC_MAC_FIELD)
+        body = {k: v for k, v in doc.items() if k != DOC_MAC_FIELD}
+        if not self.enabled:
+            return body
+        if not isinstance(mac, str) or not hmac.compare_digest(self._doc_mac(name, body), mac):
+            log.debug("ignoring store document %r: not sealed with this store key", name)
+            return None
+        return body
+
+
+__all__ = ["ALGORITHM", "DOC_MAC_FIELD", "Integrity"]

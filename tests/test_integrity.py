@@ -189,6 +189,30 @@ def test_each_key_has_its_own_root_and_no_key_keeps_the_old_one() -> None:
     assert root_key("f" * 64) == "14bf2442c230a51c12a84f12cbf3fcf7ac89dba84588f596844ab151e8adcf24"
 
 
+MEMO = {"/models/a.gguf|100|1": "aa" * 32, "/models/b.gguf|200|2": "bb" * 32}
+
+
+def test_sealed_documents_open_only_unchanged_under_their_name_and_key() -> None:
+    """The model-digest memo decides fingerprints: a forged entry must not be believed."""
+    sealed = Integrity(KEY_A).seal("model-digests", MEMO)
+    assert sealed["_mac"].startswith("hmac-sha256:") and Integrity(KEY_A).seal("x", {}) != {}
+    assert Integrity(KEY_A).unseal("model-digests", sealed) == MEMO
+    swapped = {**sealed, "/models/b.gguf|200|2": "aa" * 32}  # b would pass for a
+    for forged in (swapped, MEMO, {**sealed, "_mac": 7}):
+        assert Integrity(KEY_A).unseal("model-digests", forged) is None
+    assert Integrity(KEY_A).unseal("calibration:x", sealed) is None  # bound to its name
+    assert Integrity(KEY_B).unseal("model-digests", sealed) is None
+    assert Integrity(KEY_A).unseal("model-digests", None) is None
+
+
+def test_without_a_key_documents_are_taken_as_they_are() -> None:
+    off = Integrity(None)
+    assert off.seal("model-digests", MEMO) is MEMO
+    assert off.unseal("model-digests", MEMO) == MEMO
+    sealed = Integrity(KEY_A).seal("model-digests", MEMO)
+    assert off.unseal("model-digests", sealed) == MEMO  # a keyless reader drops the MAC
+
+
 # --- end to end, on the real model -------------------------------------------------------------
 
 #: These need PrefixCache(store_key=...) (cache.py signs in _store_span and verifies in _load);
@@ -295,3 +319,26 @@ def test_a_segment_rewritten_without_the_key_is_refused_and_kept(
     assert len(refusal_warnings(caplog)) == 1  # logged once, not on every call
     assert reader.store.get(first.key) == forged  # refused, not deleted
     assert reader.stats()["corrupt_segments"] == 0
+
+
+@needs_wiring
+def test_a_forged_model_digest_memo_does_not_change_a_keyed_readers_fingerprint(
+    open_cache: OpenCache, cold_reply: Callable[..., str], store: Path
+) -> None:
+    """The memo of model-file digests is a store document: a writer without the key could
+    give one model another's fingerprint (and so its validly signed segments)."""
+    writer = open_cache(store_key=KEY_A)
+    writer.pin([SYSTEM], name="sys")
+    if "_mac" not in (writer.store.get_doc("model-digests") or {}):
+        pytest.skip("cache.py does not seal the model-digest memo yet (Integrity.seal/unseal)")
+    attacker = open_store(store)
+    try:
+        memo = attacker.get_doc("model-digests") or {}
+        attacker.set_doc("model-digests", {k: "0" * 64 if "|" in k else v for k, v in memo.items()})
+    finally:
+        attacker.close()
+    reader = open_cache(store_key=KEY_A)
+    assert reader.fingerprint.digest == writer.fingerprint.digest
+    content, cached = ask(reader)
+    assert cached > 0
+    assert content == cold_reply(QUESTION)
