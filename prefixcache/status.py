@@ -18,7 +18,7 @@ from .errors import CorruptSegmentError
 from .fingerprint import Fingerprint, file_digest
 from .lifecycle import chain_keys, check_pin_quota, pinned_keys
 from .segment import Segment, Usage, checksum_matches
-from .store.base import Store
+from .store.base import ReportsHealth, Store, StoreHealth
 
 _CALIBRATION_DOC = "calibration:"
 _FINGERPRINT_DOC = "fingerprint:"
@@ -66,6 +66,10 @@ class StoreStatus:
     quota_bytes: int | None
     models: list[ModelFigures] = field(default_factory=list)
     quarantined: int = 0
+    # A shared store's reachability and room (None for a local store), and what to tell the
+    # user about it: one line each (full / read-only, unreachable).
+    shared: StoreHealth | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +130,7 @@ def collect(store: Store, quota_bytes: int | None = None, now: float | None = No
             )
         )
     unpinned = [s for k, s in segments.items() if k not in pinned]
+    health = store.health() if isinstance(store, ReportsHealth) else None
     return StoreStatus(
         url=store.url,
         pins=rows,
@@ -138,7 +143,31 @@ def collect(store: Store, quota_bytes: int | None = None, now: float | None = No
         quota_bytes=quota_bytes,
         models=figures,
         quarantined=len(store.get_doc("quarantine") or {}),
+        shared=health,
+        notes=health_notes(health),
     )
+
+
+def health_notes(health: StoreHealth | None) -> list[str]:
+    """What a user should know about a shared store's state, one line each (none when fine)."""
+    if health is None:
+        return []
+    if not health.reachable:
+        return [
+            f"shared store unreachable ({health.reason}): showing this host's local tier; "
+            "workers carry on with it and share again when the store is back"
+        ]
+    if health.writable:
+        return []
+    room = ""
+    if health.used_bytes is not None and health.limit_bytes:
+        room = f" ({health.used_bytes / 1e9:.3f} of {health.limit_bytes / 1e9:.3f} GB maxmemory)"
+    return [
+        f"shared store is full{room}, so read-only: restores work, hits are not recorded, new "
+        "segments stay on the host that made them and pinning fails. Make room: lower quota_gb "
+        "and run gc, rm prefixes, or raise maxmemory"
+        + (f" — the server says: {health.reason}" if health.reason else "")
+    ]
 
 
 # --- the tree --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from prefixcache.lifecycle import enforce_quota
 from prefixcache.recipes import load_recipe
 from prefixcache.segment import checksum, root_key, segment_key
 from prefixcache.store import default_local_tier, open_store
-from prefixcache.store.redis import RedisStore
+from prefixcache.store.redis import RedisStore, StoreUnavailableError
 from prefixcache.store.tiered import TieredStore
 from prefixcache.template import ChatTemplate
 
@@ -411,6 +411,8 @@ def test_store_works_on_a_redis_cluster(cluster: list[RedisServer]):
     remaining = store.keys()
     assert segs[0][0].key in remaining and len(remaining) == 2
     assert store.total_bytes() == 1_200_000
+    health = store.health()  # INFO memory of every node
+    assert health.writable and health.used_bytes and health.limit_bytes is None
 
 
 def test_prefix_keeps_two_stores_apart(server: RedisServer):
@@ -432,6 +434,9 @@ def test_prefix_keeps_two_stores_apart(server: RedisServer):
         "redis://h/0?local=",
         "redis://h/0?part_mb=lots",
         "redis://h/0?retry_after=soon",
+        "redis://h/0?local_gb=lots",
+        "redis://h/0?write_back_mb=-1",
+        "redis://h/0?local_gb=inf",
         "redis://h/0?prefix=a&prefix=b",
         "redis://h/0?a=1&&b",
     ],
@@ -530,8 +535,8 @@ def test_tiers_survive_an_outage_with_one_warning(
     assert gen_down != gen_up and not tiered.remote_up
     assert tiered.keys() == {shared.key}  # the local tier alone
     assert read(tiered, shared) == shared_data
-    with pytest.raises(CorruptSegmentError, match="unreachable"):
-        read(tiered, remote_only)
+    with pytest.raises(StoreUnavailableError, match="unreachable"):
+        read(tiered, remote_only)  # a StoreError (the cache prefills), never "corrupt"
     later, later_data = make_segment(ROOT, 0, [3], 100)
     assert tiered.put(later, later_data)
     assert tiered.generation() == gen_down + 1  # one new local segment, as the cache expects
@@ -705,3 +710,68 @@ def test_workers_ride_out_a_redis_outage_and_share_again_after(
     assert shared["content"] == written["content"] == cold(fresh, max_tokens=8)
     assert warnings_of(shared) == [warning]
     assert any("reachable again" in r["message"] for r in shared["logs"])
+
+
+def test_a_full_redis_still_serves_restores_and_new_segments_stay_local(
+    tmp_path: Path, workers: Any, cold: Any
+):
+    from test_store_full import fill, make_room
+
+    from prefixcache.status import collect
+
+    server = RedisServer(tmp_path / "full", "--maxmemory", "48mb")
+    try:
+
+        def url(tier: str) -> str:
+            return server.url(local=str(tmp_path / tier), retry_after="0.5")
+
+        system = {"role": "system", "content": SYSTEM["content"][: len(SYSTEM["content"]) // 4]}
+        # Long enough that autosave stores it (it skips spans cheaper to prefill than restore).
+        order = "I would like to order the following: " + ", ".join(
+            f"{n} boxes of {3 * n + 4} mm screws" for n in range(2, 30)
+        )
+        first_turn = [system, {"role": "user", "content": order}]
+        pinner = workers(url("a"))
+        pinned = pinner.send(op="pin", messages=[system], name="shared")
+        filled = fill(server)
+        shared_before = RedisStore(server.url()).keys()
+
+        reader = workers(url("b"))
+        first = reader.send(op="chat", max_tokens=8, messages=first_turn)
+        # A hit from the full store, and the answer of a cold run.
+        assert first["restored"] >= pinned["n_tokens"] - 1
+        assert first["content"] == cold(first_turn, max_tokens=8)
+        [warning] = warnings_of(first)  # said once, as a warning, and nothing raised
+        assert "refuses writes" in warning
+        assert first["store"]["touches_skipped"] >= 1 and first["store"]["kept_local"] >= 1
+        assert RedisStore(server.url()).keys() == shared_before  # nothing new in Redis
+
+        # After another conversation, the next turn restores the turn that stayed in this
+        # worker's local tier (its KV is no longer live).
+        between = reader.send(
+            op="chat", max_tokens=4, messages=[system, {"role": "user", "content": "Hi"}]
+        )
+        assert between["cached"] >= pinned["n_tokens"] - 1
+        second_turn = [*first_turn, {"role": "assistant", "content": first["content"]}]
+        second_turn.append({"role": "user", "content": "How soon can you deliver?"})
+        second = reader.send(op="chat", max_tokens=8, messages=second_turn)
+        assert second["cached"] >= first["prompt_tokens"] - 8
+        assert second["restored"] > 100
+        assert second["content"] == cold(second_turn, max_tokens=8)
+        assert warnings_of(second) == [warning]
+
+        status = collect(open_store(url("status")))
+        assert status.shared is not None and not status.shared.writable
+        assert "full" in status.notes[0] and [p.name for p in status.pins] == ["shared"]
+
+        # With room again, new segments are shared again.
+        make_room(server, filled)
+        time.sleep(0.6)
+        other = [system, {"role": "user", "content": order.replace("screws", "nails")}]
+        third = reader.send(op="chat", max_tokens=8, messages=other)
+        assert third["content"] == cold(other, max_tokens=8)
+        assert len(RedisStore(server.url()).keys()) > len(shared_before)
+        assert any("room again" in r["message"] for r in third["logs"])
+        assert collect(open_store(url("status"))).notes == []
+    finally:
+        server.kill()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
+from typing import TypeVar
 
 from ..config import default_store, user_cache_dir
 from ..errors import ConfigError
 from .base import GcReport, Store
 from .disk import DiskStore
+
+T = TypeVar("T")
 
 #: URL schemes of a shared Redis store.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -22,7 +26,9 @@ def open_store(spec: str | os.PathLike[str] | Store | None = None) -> Store:
     A ``redis://``, ``rediss://`` or ``unix://`` URL opens a store shared through Redis with a
     local tier on this host in front of it (see docs/redis.md). The URL's ``local`` query
     parameter names the local tier's directory; ``local=none`` opens the Redis store alone.
-    Without it the local tier is :func:`default_local_tier` of the URL.
+    Without it the local tier is :func:`default_local_tier` of the URL. ``local_gb`` is the
+    local tier's quota (default: :func:`~prefixcache.store.tiered.default_local_quota`),
+    ``write_back_mb`` bounds the copies waiting for it, ``retry_after`` is in seconds.
     """
     if spec is None:
         spec = default_store()
@@ -55,7 +61,7 @@ def default_local_tier(url: str) -> Path:
 def _open_redis(url: str) -> Store:
     try:
         from .redis import RedisStore, redact, split_url
-        from .tiered import DEFAULT_RETRY_AFTER_S, TieredStore
+        from .tiered import DEFAULT_RETRY_AFTER_S, DEFAULT_WRITE_BACK_MB, TieredStore
     except ImportError as exc:  # the optional dependency
         raise ConfigError(
             f"redis stores need the redis package: pip install 'prefixcache[redis]' ({exc})"
@@ -67,11 +73,31 @@ def _open_redis(url: str) -> Store:
         return remote
     if local == "":
         raise ConfigError(f"redis URL {redact(url)}: local= needs a directory or 'none'")
+    retry_after = _number(url, ours, "retry_after", DEFAULT_RETRY_AFTER_S, "seconds")
+    local_gb = _number(url, ours, "local_gb", None, "a size in GB")
+    write_back_mb = _number(url, ours, "write_back_mb", DEFAULT_WRITE_BACK_MB, "a size in MB")
+    return TieredStore(
+        DiskStore(local or default_local_tier(url)),
+        remote,
+        retry_after=retry_after,
+        local_quota=None if local_gb is None else int(local_gb * 1e9),
+        write_back_bytes=int(write_back_mb * 2**20),
+    )
+
+
+def _number(url: str, ours: dict[str, str], name: str, default: T, what: str) -> float | T:
+    """The URL option ``name`` as a number >= 0 (``default`` when absent)."""
+    from .redis import redact
+
+    if name not in ours:
+        return default
     try:
-        retry_after = float(ours.get("retry_after", DEFAULT_RETRY_AFTER_S))
+        value = float(ours[name])
     except ValueError:
-        raise ConfigError(f"redis URL {redact(url)}: retry_after must be seconds") from None
-    return TieredStore(DiskStore(local or default_local_tier(url)), remote, retry_after=retry_after)
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"redis URL {redact(url)}: {name} must be {what}, not {ours[name]!r}")
+    return value
 
 
 __all__ = ["DiskStore", "GcReport", "Store", "default_local_tier", "open_store"]

@@ -26,6 +26,30 @@ class GcReport:
     bytes_freed: int = 0
 
 
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether a shared store takes writes now, for ``status`` and metrics.
+
+    ``used_bytes``/``limit_bytes`` are the server's memory and its limit (Redis ``maxmemory``;
+    None when unknown or unlimited). ``reason`` says, in the server's words, why it refuses
+    writes or cannot be reached; empty when all is well.
+    """
+
+    reachable: bool = True
+    writable: bool = True
+    reason: str = ""
+    used_bytes: int | None = None
+    limit_bytes: int | None = None
+
+
+@runtime_checkable
+class ReportsHealth(Protocol):
+    """A store that can say whether it is reachable and takes writes (the Redis-backed ones)."""
+
+    def health(self) -> StoreHealth:
+        """Reachability and room, from a read-only probe (it never writes)."""
+
+
 @runtime_checkable
 class Store(Protocol):
     """What the cache needs from a storage backend."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import Iterator
@@ -173,10 +174,14 @@ class DiskStore:
         return freed
 
     def touch(self, key: str, now: float) -> None:
-        use = Usage.from_json(self._cache.get(_USE + key))
-        use.hits += 1
-        use.last_used = now
-        self._cache.set(_USE + key, use.to_json())
+        try:
+            use = Usage.from_json(self._cache.get(_USE + key))
+            use.hits += 1
+            use.last_used = now
+            self._cache.set(_USE + key, use.to_json())
+        except (OSError, sqlite3.Error, diskcache.core.Timeout) as exc:
+            # A full disk or a locked database: bookkeeping, reported as the store's failure.
+            raise StoreError(f"cannot record the use of segment {key[:16]}: {exc}") from exc
 
     def usage(self) -> dict[str, Usage]:
         out: dict[str, Usage] = {}
@@ -224,14 +229,22 @@ class DiskStore:
         return _lock(self._cache, "lock:" + name, timeout)
 
     def gc(self) -> GcReport:
-        """Remove KV rows without metadata, files without rows, and recount the size."""
+        """Remove KV rows without metadata, files without rows, usage of segments that are gone,
+        and recount the size."""
         seg_keys = set()
         kv_keys = set()
+        use_keys = set()
         for key in list(self._cache.iterkeys()):
             if key.startswith(_SEG):
                 seg_keys.add(key[len(_SEG) :])
             elif key.startswith(_KV):
                 kv_keys.add(key[len(_KV) :])
+            elif key.startswith(_USE):
+                use_keys.add(key[len(_USE) :])
+        # Usage of segments that are gone (a tiered store records hits of every segment it
+        # restores, also of those whose local copy was skipped or dropped).
+        for key in use_keys - seg_keys:
+            self._cache.delete(_USE + key)
         orphans = 0
         freed = 0
         for key in kv_keys - seg_keys:

@@ -13,6 +13,13 @@ and creates the meta record only if it does not exist yet: a reader that sees th
 complete parts, concurrent writers of one key never overwrite each other's bytes, and the parts
 of a write cut short expire by themselves (gc() reclaims them sooner). Values are bytes and
 JSON; nothing is ever unpickled.
+
+A server at ``maxmemory`` (with the ``noeviction`` policy that docs/redis.md asks for) refuses
+every command that may grow memory. The store then behaves as a read-only one: reads work, a put
+raises :class:`StoreFullError`, usage bookkeeping is skipped (logged once, counted), and the few
+scripts that shrink memory or add a few bytes to what is already stored (deletes, publishing
+parts already written, indexes, counters, locks) run with ``allow-oom`` so that eviction can
+still make room.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import ConfigError, CorruptSegmentError, StoreError
+from ..errors import ConfigError, CorruptSegmentError, StoreError, StoreFullError
 from ..segment import Pin, Segment, Usage
-from .base import GcReport
+from .base import GcReport, StoreHealth
 from .disk import _holder_is_dead
 from .docs import decode_doc, encode_doc
 
@@ -52,7 +59,15 @@ PART_TTL_S = 3600.0
 DEFAULT_ORPHAN_GRACE_S = 300.0
 DEFAULT_PREFIX = "pc"
 #: Query parameters of a store URL that are ours (the rest go to redis-py).
-OUR_PARAMS = ("prefix", "local", "cluster", "part_mb", "retry_after")
+OUR_PARAMS = (
+    "prefix",
+    "local",
+    "cluster",
+    "part_mb",
+    "retry_after",
+    "local_gb",
+    "write_back_mb",
+)
 #: Fail fast when the server is gone (a TieredStore then falls back to its local tier): short
 #: connect timeout, and one immediate retry (for a pooled connection the server has closed)
 #: instead of redis-py's default backoff of several seconds. Timeouts in the URL win.
@@ -65,6 +80,9 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.ClusterDownError,
     redis.exceptions.RedisClusterException,
 )
+
+#: Scripts that must run on a full server start with this line (Redis 7 script flags).
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
 
 T = TypeVar("T")
 
@@ -113,11 +131,52 @@ redis.call('INCR', KEYS[3])
 return 1
 """
 
+# KEYS: pins, generation; ARGV: pin field.
+_UNPIN = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
+# KEYS: lock; ARGV: token, milliseconds.
+_ACQUIRE = """
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+"""
+
+# KEYS: key; ARGV: value. (The dataset id: created once, on a full server too.)
+_SET_NX = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: bytes, generation; ARGV: recounted bytes.
+_RECOUNT = """
+redis.call('SET', KEYS[1], ARGV[1])
+return redis.call('INCR', KEYS[2])
+"""
+
 # KEYS: lock; ARGV: token.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _refusal(exc: redis.exceptions.ResponseError) -> str | None:
+    """Why the server refused a write while it still serves reads, or None for other errors.
+
+    Full at maxmemory (OOM), unable to persist (MISCONF: its disk is full, say) or a read-only
+    replica. redis-py strips the error code from the message; it is put back, and the
+    pipeline's "Command # 1 (...) caused error:" and a script's "script: <sha>" are dropped.
+    """
+    text = str(exc).rpartition("caused error: ")[2].split(". script:", 1)[0]
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return text if text.startswith("OOM") else f"OOM {text}"
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return text if text.startswith("READONLY") else f"READONLY {text}"
+    if text.startswith("MISCONF"):
+        return text
+    return None
 
 
 def split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -168,7 +227,9 @@ class RedisStore:
         orphan_grace: seconds gc() leaves unpublished parts alone (their write may be running).
 
     Nothing is sent to the server until the first call. A server that cannot be reached raises
-    :class:`StoreUnavailableError`; any other Redis error raises :class:`StoreError`.
+    :class:`StoreUnavailableError`; one that refuses writes (full at ``maxmemory``, read-only)
+    raises :class:`StoreFullError` from a write; any other Redis error raises
+    :class:`StoreError`.
     """
 
     def __init__(self, url: str, *, orphan_grace: float = DEFAULT_ORPHAN_GRACE_S):
@@ -212,6 +273,12 @@ class RedisStore:
         # KEYS of the index scripts (_INDEX_ADD takes the first three).
         self._index_keys = [self._segs, self._bytes, self._gen, self._hits, self._last]
         self._scripts: dict[str, Any] = {}
+        self._flags_ok = True  # False on a server older than Redis 7 (no script flags)
+        # Why the server refused the last write, until a write succeeds again (None: it takes
+        # writes, as far as we know); and counters for stats and metrics.
+        self.refusing: str | None = None
+        self.touches_skipped = 0
+        self.writes_refused = 0
 
     def __repr__(self) -> str:
         return f"RedisStore({redact(self.url)!r})"
@@ -236,11 +303,55 @@ class RedisStore:
             raise StoreUnavailableError(
                 f"redis at {redact(self.url)} is unreachable: {exc}"
             ) from exc
+        except redis.exceptions.ResponseError as exc:
+            refusal = _refusal(exc)
+            if refusal is not None:
+                self._refused(refusal)
+                raise StoreFullError(redact(self.url), refusal) from exc
+            raise StoreError(f"redis at {redact(self.url)}: {exc}") from exc
         except redis.exceptions.RedisError as exc:
             raise StoreError(f"redis at {redact(self.url)}: {exc}") from exc
 
-    def _run(self, source: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a Lua script (EVALSHA, loading it again after a server restart)."""
+    def _refused(self, reason: str) -> None:
+        """Note that the server refused a write; say so once until it takes writes again."""
+        self.writes_refused += 1
+        if self.refusing is None:
+            log.warning(
+                "shared store %s refuses writes (%s): it is read-only until room is made. "
+                "Restores go on; hits are not recorded, new segments are not shared (a tiered "
+                "store keeps them on this host) and pinning fails. Lower quota_gb so that "
+                "eviction frees space, remove prefixes, or raise maxmemory (docs/redis.md)",
+                redact(self.url),
+                reason,
+            )
+        self.refusing = reason
+
+    def _wrote(self) -> None:
+        """A write went through: the server has room (again)."""
+        if self.refusing is not None:
+            self.refusing = None
+            log.info("shared store %s takes writes again", redact(self.url))
+
+    def _run(
+        self, source: str, keys: list[str], args: list[Any], *, allow_oom: bool = False
+    ) -> Any:
+        """Run a Lua script (EVALSHA, loading it again after a server restart).
+
+        ``allow_oom`` lets it run on a server at maxmemory: only for scripts that free memory or
+        add a few bytes to records of data already written. Before Redis 7 (no script flags)
+        such a script runs plain, and refuses like any other write on a full server.
+        """
+        if allow_oom and self._flags_ok:
+            try:
+                return self._script(_ALLOW_OOM + source, keys, args)
+            except StoreError as exc:
+                if "shebang" not in str(exc) and "compiling" not in str(exc):
+                    raise
+                log.debug("redis at %s has no script flags: %s", redact(self.url), exc)
+                self._flags_ok = False
+        return self._script(source, keys, args)
+
+    def _script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         script = self._scripts.get(source)
         if script is None:
             script = self._scripts[source] = self.client.register_script(source)
@@ -277,6 +388,42 @@ class RedisStore:
     def ping(self) -> None:
         self._call(self.client.ping)
 
+    def health(self) -> StoreHealth:
+        """Reachability and room, from ``INFO memory`` (read-only: it works on a full server).
+
+        Writable is False when the memory Redis counts against ``maxmemory`` is within one part
+        (at most 1% of it) of the limit, on any node: a part that size would be refused, and a
+        server just under the limit is pushed over it again by its own clients' buffers. It is
+        also False after a refusal that memory does not explain (MISCONF, READONLY) until a
+        write goes through again.
+        """
+        try:
+            info = self._call(lambda: self.client.info("memory"))
+        except StoreUnavailableError as exc:
+            return StoreHealth(reachable=False, writable=False, reason=str(exc.__cause__ or exc))
+        nodes = list(info.values()) if info and isinstance(next(iter(info.values())), dict) else []
+        used = limit = 0
+        full = False
+        for node in nodes or [info]:
+            n_used = int(node.get("used_memory", 0)) - int(node.get("mem_not_counted_for_evict", 0))
+            n_limit = int(node.get("maxmemory", 0))
+            used += n_used
+            limit += n_limit
+            margin = min(self.part_bytes, n_limit // 100)
+            full = full or (n_limit > 0 and n_used >= n_limit - margin)
+        stuck = self.refusing is not None and not self.refusing.startswith("OOM")
+        return StoreHealth(
+            reachable=True,
+            writable=not (full or stuck),
+            reason=(self.refusing or "") if full or stuck else "",
+            used_bytes=used,
+            limit_bytes=limit or None,
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Counters since open: writes the server refused, usage updates skipped because of it."""
+        return {"writes_refused": self.writes_refused, "touches_skipped": self.touches_skipped}
+
     # segments -------------------------------------------------------------------------------
 
     def put(self, seg: Segment, kv: Any) -> bool:
@@ -286,21 +433,37 @@ class RedisStore:
                 f"segment {seg.key[:16]}: {len(view)} bytes, metadata says {seg.nbytes}"
             )
         meta = self._meta(seg.key)
-        if self._call(lambda: self.client.exists(meta)):
-            return False
-        nonce = uuid.uuid4().hex[:16]
-        parts = self.part_names(seg.key, nonce, seg.nbytes, self.part_bytes)
-        self.write_parts(parts, view)
-        published = self._run(
-            _PUBLISH, [meta, *parts], [seg.to_json(), nonce, self.part_bytes, seg.nbytes]
-        )
-        if published != 1:
-            self._call(lambda: self.client.delete(*parts))
+        # Parts that vanish before publishing mean the server restarted (empty) or was flushed
+        # meanwhile: write them once more to the server as it is now.
+        for _ in range(2):
+            if self._call(lambda: self.client.exists(meta)):
+                return False
+            nonce = uuid.uuid4().hex[:16]
+            parts = self.part_names(seg.key, nonce, seg.nbytes, self.part_bytes)
+            try:
+                self.write_parts(parts, view)
+                # Publishing adds only the meta to parts already written: allowed when full.
+                published = self._run(
+                    _PUBLISH,
+                    [meta, *parts],
+                    [seg.to_json(), nonce, self.part_bytes, seg.nbytes],
+                    allow_oom=True,
+                )
+            except StoreError:
+                # Refused (full) or cut off: drop what was written (deleting needs no room; an
+                # unreachable server lets the parts expire by themselves).
+                with suppress(StoreError):
+                    self._call(lambda parts=parts: self.client.delete(*parts))
+                raise
+            if published == 1:
+                self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes], allow_oom=True)
+                self._wrote()
+                return True
+            self._call(lambda parts=parts: self.client.delete(*parts))
             if published == 0:
                 return False  # another writer published it first
-            raise StoreError(f"segment {seg.key[:16]}: its parts vanished before publishing")
-        self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes])
-        return True
+            log.info("segment %s: parts vanished before publishing; writing again", seg.key[:16])
+        raise StoreError(f"segment {seg.key[:16]}: its parts vanished before publishing, twice")
 
     def write_parts(self, parts: list[str], view: memoryview) -> None:
         """Write unpublished parts (each expires unless a publish makes it permanent)."""
@@ -369,20 +532,31 @@ class RedisStore:
             parts = self.part_names(key, nonce.decode(), nbytes, int(part_bytes))
         except (CorruptSegmentError, TypeError, ValueError):
             nbytes, parts = 0, []  # unreadable meta: gc() reclaims the parts it leaves
-        done = self._run(_UNPUBLISH, [meta, *parts], [nonce])
+        done = self._run(_UNPUBLISH, [meta, *parts], [nonce], allow_oom=True)
         if done != 1:
             return 0  # deleted (or replaced) by someone else meanwhile
-        self._run(_INDEX_REMOVE, self._index_keys, [key, nbytes])
+        self._run(_INDEX_REMOVE, self._index_keys, [key, nbytes], allow_oom=True)
         return nbytes
 
     def touch(self, key: str, now: float) -> None:
+        """Count a hit; skipped (logged once, counted) while the server refuses writes.
+
+        Usage only orders eviction: losing some of it on a full server is better than failing
+        the restore that it records.
+        """
+
         def run() -> None:
             pipe = self.client.pipeline(transaction=False)
             pipe.hincrby(self._hits, key, 1)
             pipe.hset(self._last, key, repr(now))
             pipe.execute()
 
-        self._call(run)
+        try:
+            self._call(run)
+        except StoreFullError:
+            self.touches_skipped += 1
+            return
+        self._wrote()
 
     def usage(self) -> dict[str, Usage]:
         def run() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
@@ -420,18 +594,26 @@ class RedisStore:
             pipe.execute()
 
         self._call(run)
+        self._wrote()
 
     def delete_pin(self, root: str, name: str) -> bool:
-        found = bool(self._call(lambda: self.client.hdel(self._pins, f"{root}:{name}")))
-        if found:
-            self._call(lambda: self.client.incr(self._gen))
-        return found
+        # One script, so that the generation moves with the record even on a full server.
+        return bool(self._run(_UNPIN, [self._pins, self._gen], [f"{root}:{name}"], allow_oom=True))
 
     def get_doc(self, name: str) -> dict[str, Any] | None:
         return decode_doc(self._call(lambda: self.client.hget(self._docs, name)))
 
     def set_doc(self, name: str, doc: dict[str, Any]) -> None:
-        self._call(lambda: self.client.hset(self._docs, name, encode_doc(doc)))
+        """Store a document; one that is already stored as is is not written again.
+
+        (Every cache writes its model's fingerprint record when it opens: on a full server
+        that must not fail when the record is there already.)
+        """
+        text = encode_doc(doc)
+        if self._call(lambda: self.client.hget(self._docs, name)) == text.encode():
+            return
+        self._call(lambda: self.client.hset(self._docs, name, text))
+        self._wrote()
 
     # housekeeping ---------------------------------------------------------------------------
 
@@ -448,12 +630,12 @@ class RedisStore:
             pipe.get(self._gen)
             pipe.get(self._dataset)
             gen, dataset = pipe.execute()
-            if dataset is None:
-                self.client.set(self._dataset, uuid.uuid4().hex, nx=True)
-                dataset = self.client.get(self._dataset)
-            return gen, dataset or b""
+            return gen, dataset
 
         gen, dataset = self._call(run)
+        if dataset is None:
+            dataset = self._run(_SET_NX, [self._dataset], [uuid.uuid4().hex], allow_oom=True)
+        dataset = dataset or b""
         return (zlib.crc32(dataset) << 48) + int(gen or 0)
 
     def total_bytes(self) -> int:
@@ -472,7 +654,8 @@ class RedisStore:
         deadline = time.monotonic() + timeout
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         px = max(1, int(timeout * 1000))
-        while not self._call(lambda: self.client.set(key, token, nx=True, px=px)):
+        # allow-oom: the eviction lock must be taken on a full server, to make room.
+        while not self._run(_ACQUIRE, [key], [token, px], allow_oom=True):
             holder = self._call(lambda: self.client.get(key))
             if holder is not None and _holder_is_dead(holder.decode(errors="replace")):
                 self._run(_RELEASE, [key], [holder])
@@ -519,19 +702,19 @@ class RedisStore:
                 if nonce is None:
                     self._call(self.client.delete, meta)
                 else:
-                    self._run(_UNPUBLISH, [meta], [nonce])
-                self._run(_INDEX_REMOVE, self._index_keys, [seg_key, 0])
+                    self._run(_UNPUBLISH, [meta], [nonce], allow_oom=True)
+                self._run(_INDEX_REMOVE, self._index_keys, [seg_key, 0], allow_oom=True)
                 broken += 1
                 continue
             found[seg_key] = (nonce.decode(), seg)
             if seg_key not in indexed:
                 # Published by a writer that died before indexing it.
-                self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes])
+                self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes], allow_oom=True)
         for stale in indexed - found.keys():
             self._call(self.client.srem, self._segs, stale)
         orphans, freed = self._reclaim_parts(found)
-        self._call(lambda: self.client.set(self._bytes, sum(s.nbytes for _, s in found.values())))
-        self._call(lambda: self.client.incr(self._gen))
+        total = sum(s.nbytes for _, s in found.values())
+        self._run(_RECOUNT, [self._bytes, self._gen], [total], allow_oom=True)
         return GcReport(orphans=orphans, broken=broken, bytes_freed=freed)
 
     def _reclaim_parts(self, found: dict[str, tuple[str, Segment]]) -> tuple[int, int]:

@@ -8,7 +8,9 @@ server between two calls. Commands::
     {"op": "chat", "messages": [...], "tools": [...] | null, "max_tokens": N}
     {"op": "quit"}
 
-Every answer carries the log records of level INFO and above that prefixcache emitted so far.
+Every answer carries the log records of level INFO and above that prefixcache emitted so far,
+and the store's counters (``store``: TieredStore.stats(), e.g. segments kept local while Redis
+was full).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main() -> None:
                 "corrupt": after["corrupt_segments"],
             }
         out["remote_up"] = getattr(cache.store, "remote_up", None)
+        out["store"] = getattr(cache.store, "stats", dict)()
         out["logs"] = recorder.records
         print(json.dumps(out), flush=True)
     cache.close()
