@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 from conftest import SYSTEM
+from typer.testing import CliRunner
 
 from prefixcache import PrefixCache, PrefixCacheError
+from prefixcache.cli import app
 from prefixcache.config import STORE_KEY_ENV
 from prefixcache.errors import CorruptSegmentError, UnauthenticatedSegmentError
 from prefixcache.integrity import Integrity
@@ -342,3 +344,26 @@ def test_a_forged_model_digest_memo_does_not_change_a_keyed_readers_fingerprint(
     content, cached = ask(reader)
     assert cached > 0
     assert content == cold_reply(QUESTION)
+
+
+@needs_wiring
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_the_cli_signs_with_store_key_or_its_variable(
+    store: Path, tmp_path: Path, how: str
+) -> None:
+    recipe = tmp_path / "sys.yaml"
+    recipe.write_text(f"n_ctx: 2048\nprefix:\n  - system: {SYSTEM['content']!r}\n")
+    args = ["--n-ctx", "2048", *(["--store-key", KEY_A] if how == "option" else []), "prewarm"]
+    env = {"PREFIXCACHE_DIR": str(store), **({STORE_KEY_ENV: KEY_A} if how == "env" else {})}
+    result = CliRunner().invoke(app, [*args, str(recipe)], env=env)
+    assert result.exit_code == 0, result.output
+    written = open_store(store)
+    try:
+        segments = list(written.segments())
+        assert segments
+        for seg in segments:
+            data = bytearray(seg.nbytes)
+            written.read_kv(seg, memoryview(data))
+            Integrity(KEY_A).verify(seg, data)
+    finally:
+        written.close()
