@@ -279,12 +279,14 @@ def serve(
     watch_interval: float | None = DEFAULT_WATCH_INTERVAL,
     recipes_root: str | os.PathLike[str] | None = None,
     confine_recipes: bool = True,
+    store_key: str | None = None,
 ) -> None:
     """Load the models, prewarm the recipes, and serve until interrupted.
 
     ``api_keys`` are the keys themselves (see :func:`~prefixcache.server.auth.read_api_keys`
     for reading them from files and the environment). Recipes may read only files under
     ``recipes_root`` (default: each recipe path's folder) unless ``confine_recipes`` is false.
+    ``store_key`` authenticates stored segments (None: ``$PREFIXCACHE_STORE_KEY``, if set).
     """
     config = ServerConfig(
         recipe_paths=[Path(p) for p in recipes],
@@ -298,6 +300,7 @@ def serve(
         watch_interval=watch_interval,
         recipes_root=None if recipes_root is None else Path(recipes_root),
         confine_recipes=confine_recipes,
+        store_key=store_key,
     )
     server = Server(config)
     try:

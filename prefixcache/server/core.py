@@ -56,6 +56,8 @@ class ServerConfig:
     watch_interval: float | None = DEFAULT_WATCH_INTERVAL
     recipes_root: Path | None = None
     confine_recipes: bool = True
+    #: The store secret (docs/security.md); None: ``$PREFIXCACHE_STORE_KEY``, if set.
+    store_key: str | None = None
 
     def recipe_roots(self) -> list[Path] | None:
         """The folders recipes may read from, or None for anywhere."""
@@ -148,6 +150,7 @@ class Server:
                 n_ctx=n_ctx,
                 verbose=self.config.verbose,
                 quota_gb=self.config.quota_gb,
+                store_key=self.config.store_key,
             )
             worker = ModelWorker(model_id(model), cache, self.config.max_queue)
             self.workers = MappingProxyType({**self.workers, worker.id: worker})
