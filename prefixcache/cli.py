@@ -688,6 +688,7 @@ def serve_cmd(
         watch_interval=watch_interval or None,
         recipes_root=recipes_root,
         confine_recipes=not no_recipes_root,
+        store_key=opts.store_key,
     )
 
 
