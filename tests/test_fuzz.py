@@ -44,7 +44,7 @@ from fuzz_worker import N_BATCH, N_CTX, N_THREADS
 WORKER = Path(__file__).parent / "workers" / "fuzz_worker.py"
 
 #: Examples in the default (CI) run: about 5 minutes on 2 cores.
-DEFAULT_RUNS = 25
+DEFAULT_RUNS = 40
 MAX_OPS = 24
 MAX_CONVS = 4  # few, so that operations often meet the same conversation again
 REPLY_TOKENS = 16  # the length of the model's own replies that "reply" conversations carry
@@ -381,7 +381,8 @@ class Totals:
             f"{c['answers']} answers compared, {c['mismatches']} mismatches, "
             f"{c['crashes']} crashes, {c['quarantines']} quarantined, "
             f"{c['refused']} pins refused by the quota, "
-            f"{time.monotonic() - self.started:.0f} s"
+            + (f"{c['redis_kills']} redis-server kills, " if c["redis_kills"] else "")
+            + f"{time.monotonic() - self.started:.0f} s"
         )
 
 
@@ -436,6 +437,7 @@ class Run:
                 if op["op"] == "redis_kill":
                     assert self.redis is not None
                     self.redis.kill()
+                    self.totals.counts["redis_kills"] += 1
                     self.trace.append(f"#{index} redis-server killed")
                 elif op["op"] == "redis_start":
                     assert self.redis is not None
