@@ -17,6 +17,7 @@ from .errors import (
     SegmentRefusedError,
     StoreError,
     TemplateError,
+    UnauthenticatedSegmentError,
     UnsupportedModelError,
 )
 from .fingerprint import Fingerprint
@@ -51,6 +52,7 @@ __all__ = [
     "Stream",
     "StoreError",
     "TemplateError",
+    "UnauthenticatedSegmentError",
     "UnsupportedModelError",
     "open_store",
 ]

@@ -142,15 +142,19 @@ class PrefixCache:
         self.autosave = autosave
         self.quota_bytes = None if quota_gb is None else int(quota_gb * 1e9)
         self.segment_tokens = segment_tokens
-        memo = self.store.get_doc("model-digests") or {}
+        self.integrity = Integrity.from_config(store_key)
+        # The memo of model-file digests decides the fingerprint: with a store key it is sealed
+        # (and kept per key), so a writer without the key cannot pass one model off as another.
+        key_id = self.integrity.key_id
+        memo_doc = "model-digests" + (":" + key_id if key_id else "")
+        memo = self.integrity.unseal(memo_doc, self.store.get_doc(memo_doc)) or {}
         self.fingerprint = self.kv.fingerprint(memo)
-        self.store.set_doc("model-digests", memo)
+        self.store.set_doc(memo_doc, self.integrity.seal(memo_doc, memo))
         self.store.set_doc(
             "fingerprint:" + self.fingerprint.digest,
             {**self.fingerprint.to_dict(), "model_path": str(llm.model_path)},
         )
-        self.integrity = Integrity.from_config(store_key)
-        self.catalog = Catalog(self.store, self.fingerprint, self.integrity.key_id)
+        self.catalog = Catalog(self.store, self.fingerprint, key_id)
         self._stats = Stats()
         self._reported: set[tuple[str, type]] = set()
         self._owns_llm = False

@@ -38,14 +38,15 @@ def cached(reply: dict) -> int:
     return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
-def on_thread(fn: Callable[[], Any], timeout: float = 120) -> Any:
+def on_thread(fn: Callable[[], Any], timeout: float = 60) -> Any:
     """Run ``fn`` on a new thread; fail (instead of hanging) if it does not return in time."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(fn)
-        try:
-            return future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            pytest.fail(f"call did not return within {timeout}s: the model is locked")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"call did not return within {timeout}s: the model is locked")
+    finally:
+        pool.shutdown(wait=False)
 
 
 # --- any order of calls --------------------------------------------------------------------------
@@ -163,17 +164,26 @@ def test_a_stream_advanced_on_one_thread_and_closed_on_another_frees_the_model(o
 
 def test_a_stream_abandoned_mid_way_does_not_hold_the_model(open_cache, cold_reply):
     cache = open_cache()
+    started, done = threading.Event(), threading.Event()
     abandoned = []
 
     def start_and_walk_away() -> None:
         stream = cache.chat(ask("Tell me a story."), stream=True, max_tokens=48, temperature=0)
         next(stream)
         abandoned.append(stream)  # still referenced, never read again, never closed
+        started.set()
+        done.wait()  # thread A stays alive (a thread id is reused once its thread ends)
 
-    on_thread(start_and_walk_away)
-    messages = ask("What is a hammer for?")
-    reply = on_thread(lambda: cache.chat(messages, max_tokens=16, temperature=0))
-    assert text(reply) == cold_reply(messages, max_tokens=16)
+    walker = threading.Thread(target=start_and_walk_away)
+    walker.start()
+    try:
+        assert started.wait(120)
+        messages = ask("What is a hammer for?")
+        reply = on_thread(lambda: cache.chat(messages, max_tokens=16, temperature=0))
+        assert text(reply) == cold_reply(messages, max_tokens=16)
+    finally:
+        done.set()
+        walker.join()
 
 
 def test_streamed_chunks_equal_the_cold_reply_and_carry_usage(open_cache, cold_reply):
