@@ -142,6 +142,8 @@ class PrefixCache:
         self.autosave = autosave
         self.quota_bytes = None if quota_gb is None else int(quota_gb * 1e9)
         self.segment_tokens = segment_tokens
+        self._stats = Stats()
+        self._reported: set[tuple[str, type]] = set()
         self.integrity = Integrity.from_config(store_key)
         # The memo of model-file digests decides the fingerprint: with a store key it is sealed
         # (and kept per key), so a writer without the key cannot pass one model off as another.
@@ -149,14 +151,15 @@ class PrefixCache:
         memo_doc = "model-digests" + (":" + key_id if key_id else "")
         memo = self.integrity.unseal(memo_doc, self.store.get_doc(memo_doc)) or {}
         self.fingerprint = self.kv.fingerprint(memo)
-        self.store.set_doc(memo_doc, self.integrity.seal(memo_doc, memo))
-        self.store.set_doc(
-            "fingerprint:" + self.fingerprint.digest,
-            {**self.fingerprint.to_dict(), "model_path": str(llm.model_path)},
-        )
+        try:
+            self.store.set_doc(memo_doc, self.integrity.seal(memo_doc, memo))
+            self.store.set_doc(
+                "fingerprint:" + self.fingerprint.digest,
+                {**self.fingerprint.to_dict(), "model_path": str(llm.model_path)},
+            )
+        except StoreError as exc:  # a full or read-only store still serves restores
+            self._store_failed("recording the fingerprint", exc)
         self.catalog = Catalog(self.store, self.fingerprint, key_id)
-        self._stats = Stats()
-        self._reported: set[tuple[str, type]] = set()
         self._owns_llm = False
         self._closed = False
         cal = self.store.get_doc(_CALIBRATION_DOC + self.fingerprint.digest) or {}

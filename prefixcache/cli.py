@@ -351,6 +351,8 @@ def status_cmd(
     )
     table.caption_justify = "left"
     console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]{note}[/]")
     if report.models:
         figures = Table(title="cost model, measured on this machine", title_justify="left")
         figures.add_column("model", overflow="fold")

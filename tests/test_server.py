@@ -219,6 +219,7 @@ def test_completions_models_health_and_metrics(serve, cold_llm):
     assert cached >= first.usage.prompt_tokens - 1  # type: ignore[union-attr]
     assert 'prefixcache_requests_total{code="200",path="/v1/completions"} 3.0' in metrics
     assert f'prefixcache_store_bytes{{model="{MODEL_ID}"}}' in metrics
+    assert f'prefixcache_store_errors_total{{model="{MODEL_ID}"}} 0.0' in metrics
 
 
 def test_bad_requests_get_openai_shaped_4xx(serve):

@@ -78,6 +78,11 @@ class _Collector:
             "bytes_restored": ("restored_bytes", "KV bytes read from the store"),
             "segments_saved": ("segments_saved", "Segments written to the store"),
             "corrupt_segments": ("corrupt_segments", "Segments quarantined as corrupt"),
+            "refused_segments": (
+                "refused_segments",
+                "Intact segments not restorable here (refused by llama.cpp or not authenticated)",
+            ),
+            "store_errors": ("store_errors", "Store failures a call survived (reply still sent)"),
         }
         stats = {w.id: w.cache.stats() for w in workers}
         for key, (name, doc) in counters.items():
