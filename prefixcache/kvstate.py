@@ -319,7 +319,7 @@ def _llama_log_lines() -> Iterator[list[str]]:
 
     lines: list[str] = []
 
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    @llama_cpp.llama_log_callback
     def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         lines.append(text.decode("utf-8", "replace"))
         _logger.llama_log_callback(level, text, user_data)

@@ -31,7 +31,7 @@ def model_lock(llm: llama_cpp.Llama) -> threading.RLock:
         if lock is None:
             lock = threading.RLock()
             llm._prefixcache_lock = lock  # type: ignore[attr-defined]
-        return lock  # type: ignore[no-any-return]
+        return lock
 
 
 class _End:
@@ -95,7 +95,7 @@ class Stream(Iterator[Chunk]):
         if isinstance(item, _Failed):
             self._done = True
             raise item.exc
-        return item  # type: ignore[no-any-return]
+        return item
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the call after its current token and wait until the model is free again."""
