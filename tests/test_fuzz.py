@@ -45,7 +45,9 @@ WORKER = Path(__file__).parent / "workers" / "fuzz_worker.py"
 
 #: Examples in the default (CI) run: about 5 minutes on 2 cores.
 DEFAULT_RUNS = 40
-MAX_OPS = 24
+#: Operations come in runs of 1 to 4, up to 6 runs: longer programs than one flat list of
+#: hypothesis's average size, and still shrinkable by deleting whole runs or single operations.
+MAX_RUNS, MAX_RUN_OPS = 6, 4
 MAX_CONVS = 4  # few, so that operations often meet the same conversation again
 REPLY_TOKENS = 16  # the length of the model's own replies that "reply" conversations carry
 PIN_NAMES = ("a", "b", "c")
@@ -75,9 +77,13 @@ def words(seed: int, n: int) -> str:
 
 
 def head_text(seed: int) -> str:
-    """A system prompt of 60 to 160 words (about 100 to 250 tokens), the same for one seed."""
+    """A system prompt of 40 to 110 words (about 70 to 170 tokens), the same for one seed.
+
+    Short, because prefill is what the fuzz spends its time on (about 150 tokens a second on one
+    core), and each shrinking step runs the program again.
+    """
     return f"You are the assistant of shop number {seed}. Stock list: " + words(
-        1000 + seed, 60 + (seed * 37) % 100
+        1000 + seed, 40 + (seed * 37) % 70
     )
 
 
@@ -169,7 +175,10 @@ def operation(draw: st.DrawFn, n_convs: int, redis: bool) -> dict[str, Any]:
 @st.composite
 def programs(draw: st.DrawFn, redis: bool = False) -> dict[str, Any]:
     convs = draw(conversations())
-    ops = draw(st.lists(operation(len(convs), redis), min_size=1, max_size=MAX_OPS))
+    op = operation(len(convs), redis)
+    run = st.lists(op, min_size=1, max_size=MAX_RUN_OPS)
+    runs = draw(st.lists(run, min_size=1, max_size=MAX_RUNS))
+    ops = [o for run in runs for o in run]
     return {
         "quota_mb": draw(st.sampled_from(QUOTAS_MB)),
         "segment_tokens": draw(st.sampled_from(SEGMENT_TOKENS)),
