@@ -110,22 +110,23 @@ def conversations(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     ``("extend", j, answer, user)``: j plus an answer and a question; ``("reply", j, user)``: j
     plus the model's own (cold, greedy) reply to j and a question; ``("near", j, message, word,
     new)``: j with one word of one message replaced, a near-copy that differs in the middle.
+    Seeds come from small ranges: each value the shrinker tries costs a run of the program.
     """
     n = draw(st.integers(1, MAX_CONVS))
     out: list[tuple[Any, ...]] = []
     for i in range(n):
         kind = draw(st.sampled_from(CONV_KINDS[:1] if i == 0 else CONV_KINDS))
         j = draw(st.integers(0, i - 1)) if i else 0
-        user = draw(st.integers(0, 99))
+        user = draw(st.integers(0, 29))
         if kind == "new":
-            out.append(("new", draw(st.integers(0, 2) | st.integers(3, 50)), user))
+            out.append(("new", draw(st.integers(0, 2) | st.integers(3, 29)), user))
         elif kind in ("branch", "reply"):
             out.append((kind, j, user))
         elif kind == "extend":
-            out.append(("extend", j, draw(st.integers(0, 99)), user))
+            out.append(("extend", j, draw(st.integers(0, 29)), user))
         else:
             message = draw(st.integers(0, 7))
-            word = draw(st.integers(0, 400))
+            word = draw(st.integers(0, 63))
             out.append(("near", j, message, word, draw(st.integers(0, len(WORDS) - 1))))
     return out
 
