@@ -44,7 +44,7 @@ from fuzz_worker import N_BATCH, N_CTX, N_THREADS
 WORKER = Path(__file__).parent / "workers" / "fuzz_worker.py"
 
 #: Examples in the default (CI) run: about 5 minutes on 2 cores.
-DEFAULT_RUNS = 40
+DEFAULT_RUNS = 60
 #: Operations come in runs of 1 to 4, up to 6 runs: longer programs than one flat list of
 #: hypothesis's average size, and still shrinkable by deleting whole runs or single operations.
 MAX_RUNS, MAX_RUN_OPS = 6, 4
