@@ -400,7 +400,21 @@ class Failure(AssertionError):
     """A program's answer differed from a cold run, or a worker crashed, hung or quarantined."""
 
 
-FAILURE_NAMES = {"crashes": "crash", "mismatches": "mismatch", "quarantines": "quarantine"}
+# One class per kind: hypothesis tells bugs apart by exception type (and where it is raised),
+# so a mismatch and a crash found in one run are shrunk and reported separately.
+class Mismatch(Failure):
+    """An answer (content or prompt_tokens) differs from the cold run's."""
+
+
+class Crash(Failure):
+    """An operation raised an error it may not raise, or the worker died or hung."""
+
+
+class Quarantine(Failure):
+    """A valid segment was quarantined (nothing in the fuzz corrupts any)."""
+
+
+FAILURES = {"crashes": Crash, "mismatches": Mismatch, "quarantines": Quarantine}
 
 
 class Redis:
@@ -523,8 +537,8 @@ class Run:
         # The operations after the last one sent cannot matter: leave them out of the literal,
         # so that it is minimal even when hypothesis ran out of time shrinking.
         ran = {**self.program, "ops": self.program["ops"][: self.sent + 1]}
-        raise Failure(
-            f"{FAILURE_NAMES[kind]} at {where} {op}: {detail}\ntrace:\n  {trace}\n"
+        raise FAILURES[kind](
+            f"at {where} {op}: {detail}\ntrace:\n  {trace}\n"
             f"the program up to the failure:\n{pprint.pformat(ran, width=100, sort_dicts=False)}"
         )
 
