@@ -125,7 +125,7 @@ def test_non_utf8_recipe_names_the_line(tmp_path: Path) -> None:
 
 def test_unknown_key_error_lists_the_expected_keys(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", "colour: blue\nprefix: [{system: hi}]\n")
-    with pytest.raises(RecipeError, match="expected one of: name, extends, model"):
+    with pytest.raises(RecipeError, match="expected one of: name, aliases, extends, model"):
         load_recipe(path)
 
 
@@ -655,3 +655,264 @@ def test_shipped_recipes_are_what_their_agents_need() -> None:
     assert [f.name for f in include.files] == ["config.py", "errors.py"]
     assert include.max_bytes is not None
     assert "class RecipeError" in recipes["coding-agent"].messages[1]["content"]
+
+
+# --- OpenAI-shaped messages and aliases (issue 13) -----------------------------------------------
+
+LOOKUP_TOOL = """
+tools:
+  - type: function
+    function:
+      name: lookup_order
+      parameters: {type: object, properties: {order_id: {type: string}}}
+"""
+
+
+def test_an_openai_message_loads_as_its_shorthand_does(tmp_path: Path) -> None:
+    short = write(tmp_path, "short.yaml", "prefix:\n  - system: Be brief.\n  - user: Hi\n")
+    openai_shaped = write(
+        tmp_path,
+        "long.yaml",
+        """
+        prefix:
+          - role: system
+            content: Be brief.
+          - role: user
+            content: [{type: text, text: "H"}, {type: text, text: "i"}]
+        """,
+    )
+    assert load_recipe(openai_shaped).messages == load_recipe(short).messages
+    assert load_recipe(openai_shaped).content_digest() == load_recipe(short).content_digest()
+
+
+def test_a_few_shot_block_with_tool_calls_is_kept_as_a_client_sends_it(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "agent.yaml",
+        LOOKUP_TOOL
+        + """
+prefix:
+  - system: You look up orders.
+  - role: developer
+    content: Call lookup_order before answering.
+  - {role: user, content: "Where is A1?", name: ana}
+  - role: assistant
+    content: null
+    tool_calls:
+      - id: call_1
+        type: function
+        function: {name: lookup_order, arguments: '{"order_id": "A1"}'}
+      - id: call_2
+        type: function
+        function:
+          name: lookup_order
+          arguments: {order_id: A2}
+  - {role: tool, tool_call_id: call_1, content: '{"status": "shipped"}'}
+  - {role: tool, tool_call_id: call_2, content: ""}
+  - assistant: A1 has shipped.
+""",
+    )
+    recipe = load_recipe(path)
+    assert recipe.messages[1:] == [
+        {"role": "developer", "content": "Call lookup_order before answering."},
+        {"role": "user", "content": "Where is A1?", "name": "ana"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup_order", "arguments": '{"order_id": "A1"}'},
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "lookup_order", "arguments": '{"order_id": "A2"}'},
+                },
+            ],
+        },
+        {"role": "tool", "content": '{"status": "shipped"}', "tool_call_id": "call_1"},
+        {"role": "tool", "content": "", "tool_call_id": "call_2"},
+        {"role": "assistant", "content": "A1 has shipped."},
+    ]
+    recipe.messages[3]["tool_calls"][0]["id"] = "changed"  # copies: the recipe stays frozen
+    assert recipe.messages[3]["tool_calls"][0]["id"] == "call_1"
+
+
+def test_a_child_answers_a_call_its_parent_made(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "base.yaml",
+        LOOKUP_TOOL
+        + """
+prefix:
+  - role: assistant
+    tool_calls: [{id: c1, type: function, function: {name: lookup_order, arguments: "{}"}}]
+""",
+    )
+    child = write(
+        tmp_path,
+        "child.yaml",
+        "extends: base.yaml\nprefix: [{role: tool, tool_call_id: c1, content: ok}]\n",
+    )
+    assert [m["role"] for m in load_recipe(child).messages] == ["assistant", "tool"]
+    again = write(
+        tmp_path,
+        "again.yaml",
+        """
+        extends: base.yaml
+        prefix:
+          - role: assistant
+            tool_calls: [{id: c1, type: function, function: {name: lookup_order, arguments: "{}"}}]
+        """,
+    )
+    with pytest.raises(RecipeError, match="tool call id 'c1' is used twice") as caught:
+        load_recipe(again)
+    assert caught.value.line == 4
+
+
+CALL = "{id: c1, type: function, function: {name: lookup_order, arguments: '{}'}}"
+
+# (the prefix items, the line of the error, a fragment of its message); tools: LOOKUP_TOOL
+BAD_MESSAGES: list[tuple[str, int, str]] = [
+    (
+        "- {role: wizard, content: hi}",
+        7,
+        "unknown role 'wizard'; expected one of: system, developer",
+    ),
+    ("- {role: sytem, content: hi}", 7, "(did you mean 'system'?)"),
+    ("- role: user\n  contents: hi", 8, "unknown message key 'contents' (did you mean 'content'?)"),
+    ("- {content: hi}", 7, "an OpenAI-shaped message needs role:"),
+    ("- {system: hi, user: ho}", 7, "exactly one key of system, user, assistant, include; got 2"),
+    ("- {role: system}", 7, "a system message needs content"),
+    (
+        "- {role: assistant}",
+        7,
+        "an assistant message needs content: text or a list of text parts (or tool_calls)",
+    ),
+    ("- {role: user, content: ''}", 7, "content must be non-empty text"),
+    ("- role: user\n  content: [{type: image_url, image_url: {url: x}}]", 8, "got 'image_url'"),
+    ("- role: user\n  content:\n    - {type: text, txt: hi}", 9, "unknown content part key 'txt'"),
+    ("- {role: user, content: hi, name: 3}", 7, "name must be non-empty text, got 3"),
+    ("- {role: tool, content: ok}", 7, "a tool message needs tool_call_id"),
+    ("- {role: tool, content: ok, tool_call_id: c9}", 7, "'c9' answers no earlier tool call (none"),
+    (f"- {{role: user, content: hi, tool_calls: [{CALL}]}}", 7, "tool_calls belong"),
+    ("- {role: user, content: hi, tool_call_id: c1}", 7, "tool_call_id belongs to tool messages"),
+    ("- {role: assistant, tool_calls: []}", 7, "tool_calls must be a non-empty list"),
+    ("- {role: assistant, tool_calls: [c1]}", 7, "a tool call must be a mapping"),
+    (
+        "- role: assistant\n  tool_calls:\n    - {type: function, function: {name: x}}",
+        9,
+        "a tool call needs id",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      function: {name: lookup_order}",
+        9,
+        "tool call type must be 'function', got null",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - {id: c1, type: function}",
+        9,
+        "needs function: a mapping with name and arguments",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      type: function\n"
+        "      function: {arguments: '{}'}",
+        11,
+        "a tool call's function needs a name",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      type: function\n"
+        "      function: {name: refund, arguments: '{}'}",
+        11,
+        "'refund', which is not among the recipe's tools (lookup_order)",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      type: function\n"
+        "      function:\n        name: lookup_order\n        arguments: '{\"order_id\": '",
+        13,
+        "arguments is not valid JSON",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      type: function\n"
+        "      function: {name: lookup_order, arguments: [1, 2]}",
+        11,
+        "arguments must be a JSON object (as text or a mapping), got a list",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      type: function\n"
+        "      function: {name: lookup_order}",
+        11,
+        "needs arguments: JSON text or a mapping",
+    ),
+    (
+        "- role: assistant\n  tool_calls:\n    - id: c1\n      type: function\n"
+        "      function: {name: lookup_order, arguments: '{}', strict: true}",
+        11,
+        "unknown tool call function key 'strict'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("items", "line", "fragment"), BAD_MESSAGES)
+def test_a_malformed_openai_message_is_one_error_with_file_and_line(
+    tmp_path: Path, items: str, line: int, fragment: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(LOOKUP_TOOL.lstrip("\n") + "prefix:\n" + textwrap.indent(items, "  ") + "\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert caught.value.path == str(path)
+    assert (caught.value.line, fragment in str(caught.value)) == (line, True), str(caught.value)
+
+
+def test_calls_may_name_any_function_when_the_recipe_has_no_tools(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "free.yaml",
+        f"prefix:\n  - role: assistant\n    tool_calls: [{CALL.replace('lookup_order', 'f')}]\n",
+    )
+    assert load_recipe(path).messages[0]["tool_calls"][0]["function"]["name"] == "f"
+
+
+def test_aliases_are_other_names_for_a_recipe(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "bot.yaml",
+        "name: bot\naliases: [gpt-4o-mini, acme/bot:v2]\nprefix: [{system: hi}]\n",
+    )
+    assert load_recipe(path).aliases == ("gpt-4o-mini", "acme/bot:v2")
+    child = write(tmp_path, "child.yaml", "extends: bot.yaml\nprefix: [{user: ho}]\n")
+    assert load_recipe(child).aliases == ()  # an alias names one recipe: not inherited
+
+
+@pytest.mark.parametrize(
+    ("aliases", "line", "fragment"),
+    [
+        ("[bot]", 2, "alias 'bot' is the recipe's name"),
+        ("[a, a]", 2, "alias 'a' is given twice"),
+        ("\n  - ok\n  - 'has space'", 4, "an alias must be 1-128 letters"),
+        ("gpt", 2, "aliases must be a list of text"),
+    ],
+)
+def test_bad_aliases_are_refused(tmp_path: Path, aliases: str, line: int, fragment: str) -> None:
+    path = write(tmp_path, "bot.yaml", f"name: bot\naliases: {aliases}\nprefix: [{{system: hi}}]\n")
+    with pytest.raises(RecipeError, match=re.escape(fragment)) as caught:
+        load_recipe(path)
+    assert caught.value.line == line
+
+
+def test_an_alias_may_not_name_another_recipe(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "name: alpha\naliases: [shared]\nprefix: [{system: a}]\n")
+    b = write(
+        tmp_path, "b.yaml", "name: beta\naliases:\n  - mine\n  - alpha\nprefix: [{system: b}]\n"
+    )
+    with pytest.raises(
+        RecipeError, match="alias 'alpha' is already the name of recipe 'alpha'"
+    ) as caught:
+        load_recipes([tmp_path])
+    assert (caught.value.path, caught.value.line) == (str(b.resolve()), 4)
+    b.write_text("name: beta\naliases: [shared]\nprefix: [{system: b}]\n")
+    with pytest.raises(RecipeError, match="alias 'shared' is already the alias of recipe 'alpha'"):
+        load_recipes([tmp_path])
