@@ -657,6 +657,14 @@ def serve_cmd(
             min=0.0, help="Seconds between checks for changed recipe files; 0: only on SIGHUP."
         ),
     ] = 2.0,
+    max_tokens_cap: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Most tokens a request may generate: more asked is clipped (finish_reason "
+            "length), none asked gets this; 0: no cap (up to the context).",
+        ),
+    ] = 1024,
 ) -> None:
     """An OpenAI-compatible HTTP server with the prefix cache built in."""
     opts = _options(ctx)
@@ -691,6 +699,7 @@ def serve_cmd(
         recipes_root=recipes_root,
         confine_recipes=not no_recipes_root,
         store_key=opts.store_key,
+        max_tokens_cap=max_tokens_cap or None,
     )
 
 

@@ -208,7 +208,7 @@ def test_completions_models_health_and_metrics(serve, cold_llm):
     assert streamed == first.choices[0].text
 
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL_ID]
+    assert [m.id for m in models.data] == [MODEL_ID, "shop"]  # the model, then its recipe
     assert served.health()["status"] == "ok"
     metrics = httpx.get(served.url + "/metrics", timeout=10).text
     cached = next(
@@ -559,3 +559,159 @@ def test_reload_unloads_models_no_recipe_uses_and_swaps_the_workers_map(
         old.submit(lambda: None)
     assert unloaded.value.status == 404 and "unloaded" in unloaded.value.message
     assert pin_names(server.workers["Other"]) == {"alpha"}
+
+
+# --- agents cannot wedge the server; model names; OpenAI-shaped recipes (issue 13) -------------
+
+
+def long_completion(max_tokens: int) -> dict[str, Any]:
+    return {"model": MODEL_ID, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0}
+
+
+def test_an_abandoned_request_stops_at_its_next_token(serve):
+    served = serve("--max-tokens-cap", "0")
+    url = served.url + "/v1/completions"
+    # Two long requests: one running (its client gives up after 3 s), one queued behind it
+    # (its client gives up after 1 s, while the first still runs).
+    gave_up: list[float] = []
+
+    def abandon(timeout: float) -> None:
+        t0 = time.perf_counter()
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url, json=long_completion(1500), timeout=timeout)
+        gave_up.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=abandon, args=(t,)) for t in (3, 1)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(timeout=30)
+    assert len(gave_up) == 2
+    t0 = time.perf_counter()
+    reply = served.client(timeout=60).completions.create(
+        model=MODEL_ID, prompt="Timber is", max_tokens=4, temperature=0
+    )
+    waited = time.perf_counter() - t0
+    assert reply.choices[0].text
+    # 1,500 tokens take 30 s or more here (before this fix the next request waited for them).
+    assert waited < 5, waited
+    served.wait_for("the stopped call to be logged", lambda: "model freed" in served.logs())
+    served.wait_for("the dropped call to be logged", lambda: "while queued" in served.logs())
+    assert served.health()["models"][MODEL_ID]["queued"] == 0
+    metrics = httpx.get(served.url + "/metrics", timeout=10).text
+    assert 'prefixcache_requests_total{code="499",path="/v1/completions"} 2.0' in metrics
+
+
+def test_a_non_streamed_reply_is_assembled_from_the_stream_as_before(serve, cold_with_tool):
+    served = serve()
+    client = served.client()
+    messages = ask("Do you sell paint?")
+    reply = client.chat.completions.create(
+        model=MODEL_ID, messages=messages, tools=[TOOL], max_tokens=12, temperature=0
+    )
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == cold_with_tool(messages, max_tokens=12)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.object == "chat.completion" and reply.id.startswith("chat")
+    usage = reply.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.completion_tokens == 12 or reply.choices[0].finish_reason == "stop"
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens > 100
+
+
+def test_max_tokens_cap_clips_requests_and_bounds_those_without_max_tokens(serve):
+    served = serve("--max-tokens-cap", "8")
+    client = served.client()
+    over = client.completions.create(model=MODEL_ID, prompt=COUNTING, max_tokens=50, temperature=0)
+    assert (over.choices[0].finish_reason, over.usage.completion_tokens) == ("length", 8)  # type: ignore[union-attr]
+    count = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+    unset = client.chat.completions.create(model=MODEL_ID, messages=count, temperature=0)
+    assert unset.choices[0].finish_reason == "length"
+    assert unset.usage is not None and unset.usage.completion_tokens == 8
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=count,
+            temperature=0,
+            max_tokens=500,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
+    assert streamed[-1].usage is not None and streamed[-1].usage.completion_tokens == 8
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == unset.choices[0].message.content
+    # No max_tokens and a prompt that leaves fewer than 8 tokens of context: the rest of the
+    # context, not a context_length_exceeded for a limit the client never set.
+    prompt = list(range(1000, 1000 + N_CTX - 3))
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": None, "temperature": 0}
+    full = httpx.post(served.url + "/v1/completions", json=body, timeout=120)
+    assert full.status_code == 200, full.text
+    assert full.json()["usage"]["completion_tokens"] <= 3
+    # A limit the client did set is still checked against the context.
+    body["max_tokens"] = 8
+    too_long = httpx.post(served.url + "/v1/completions", json=body, timeout=120)
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+FEW_SHOT = """
+  - role: user
+    content: [{type: text, text: "Is SKU A-1 in stock?"}]
+  - role: assistant
+    content: null
+    tool_calls:
+      - id: call_1
+        type: function
+        function: {name: stock_level, arguments: '{"sku": "A-1"}'}
+  - {role: tool, tool_call_id: call_1, content: '{"units": 3}'}
+  - assistant: Yes, we have 3 units of A-1.
+"""
+
+
+def few_shot_messages(system: str) -> list[dict[str, Any]]:
+    """The recipe's prefix as a client's code would send it (parsed from JSON)."""
+    call = {"name": "stock_level", "arguments": '{"sku": "A-1"}'}
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "text", "text": "Is SKU A-1 in stock?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"units": 3}'},
+        {"role": "assistant", "content": "Yes, we have 3 units of A-1."},
+    ]
+
+
+def test_a_recipe_name_or_alias_is_a_model_name_and_its_few_shot_calls_restore(
+    serve, recipes, cold_llm
+):
+    system = "You are the stock clerk of Bolt & Board. Answer with the stock level. " * 4
+    (recipes / "clerk.yaml").write_text(
+        f"name: clerk\naliases: [gpt-4o-mini, acme/clerk:v1]\nn_ctx: {N_CTX}\n"
+        f"tools: [{json.dumps(TOOL)}]\nprefix:\n  - system: {json.dumps(system)}\n{FEW_SHOT}"
+    )
+    served = serve()
+    client = served.client()
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {MODEL_ID, "shop", "clerk", "gpt-4o-mini", "acme/clerk:v1"}
+    assert listed["gpt-4o-mini"].model_extra == {"root": MODEL_ID, "recipe": "clerk"}
+    assert sorted(listed[MODEL_ID].model_extra["recipes"]) == ["clerk", "shop"]  # type: ignore[index]
+
+    pinned = ChatTemplate(cold_llm).prefix_tokens(
+        load_recipe(recipes / "clerk.yaml").messages, [TOOL]
+    )
+    messages = [*few_shot_messages(system), {"role": "user", "content": "And SKU B-7?"}]
+    for name in ("gpt-4o-mini", "clerk", "acme/clerk:v1", MODEL_ID):
+        reply = client.chat.completions.create(
+            model=name, messages=messages, tools=[TOOL], max_tokens=8, temperature=0
+        )
+        assert reply.model == name  # answered as the name asked for
+        assert reply.usage.prompt_tokens_details.cached_tokens >= len(pinned)  # type: ignore[union-attr]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="clerk-2", messages=messages, max_tokens=4)
+    assert "gpt-4o-mini" in str(missing.value) and "clerk" in str(missing.value)

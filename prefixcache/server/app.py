@@ -26,10 +26,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .core import DEFAULT_WATCH_INTERVAL, Server, ServerConfig
+from .core import DEFAULT_MAX_TOKENS_CAP, DEFAULT_WATCH_INTERVAL, Server, ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, api_error
-from .worker import ModelWorker, stream_call
+from .worker import ClientGone, ModelWorker, capped, collect_call, stream_call
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,35 @@ class _Scraper:
         return await asyncio.shield(self._running)
 
 
+class _CountRequests:
+    """Counts responses by path and status for ``/metrics``.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides the
+    client's disconnect from the endpoint, and a request whose client went away must stop.
+    """
+
+    def __init__(self, app: ASGIApp, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.server.count(scope["path"], status)
+
+
 # --- routes -------------------------------------------------------------------------------------
 
 
@@ -172,11 +202,7 @@ def create_app(server: Server) -> FastAPI:
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail), code=None).response()
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[..., Any]) -> Response:
-        response: Response = await call_next(request)
-        server.count(request.url.path, response.status_code)
-        return response
+    app.add_middleware(_CountRequests, server=server)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
@@ -201,40 +227,73 @@ def create_app(server: Server) -> FastAPI:
     async def models(request: Request) -> dict[str, Any]:
         server.namespace(request)
         created = int(server.started)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": w.id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "prefixcache",
-                    "recipes": [r.name for r in w.recipes],
-                }
-                for w in server.workers.values()
-            ],
-        }
+        workers = server.workers
+        # The models, then each recipe name and alias (``root``: the model it stands for).
+        data = [
+            {
+                "id": w.id,
+                "object": "model",
+                "created": created,
+                "owned_by": "prefixcache",
+                "recipes": [r.name for r in w.recipes],
+            }
+            for w in workers.values()
+        ]
+        data += [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "prefixcache",
+                "root": model,
+                "recipe": recipe.name,
+            }
+            for name, (model, recipe) in server.names.items()
+            if model in workers
+        ]
+        return {"object": "list", "data": data}
 
     async def generate(
-        worker: ModelWorker, stream: bool, call: Callable[..., Any], kwargs: dict[str, Any]
+        worker: ModelWorker,
+        stream: bool,
+        call: Callable[..., Any],
+        kwargs: dict[str, Any],
+        request: Request | None = None,
+        model: str | None = None,
     ) -> Response:
-        if not stream:
-            kwargs.pop("stream_options", None)
-            future = worker.submit(lambda: call(**kwargs))
-            try:
-                result = await asyncio.wrap_future(future)
-            except Exception as exc:
-                raise api_error(exc) from exc
-            result["model"] = worker.id
-            return JSONResponse(result)
+        """Run ``call`` on the worker under the server's max_tokens cap, answering as ``model``
+        (the name the client gave; default the worker's id).
+
+        Every call streams internally, a non-streaming one assembled at its end, so that a
+        client that goes away (``request``) stops it at its next token (HTTP 499 in the logs).
+        Only ``echo`` (completions without streaming) needs the blocking call.
+        """
+        name = model or worker.id
+        cap = server.config.max_tokens_cap
+        gone = request.is_disconnected if request is not None else None
         try:
-            chunks = await stream_call(worker, lambda: call(stream=True, **kwargs))
+            if not stream and kwargs.get("echo"):
+                kwargs.pop("stream_options", None)
+                result = await asyncio.wrap_future(worker.submit(capped(call, kwargs, cap)))
+            elif not stream:
+                kwargs["stream_options"] = {"include_usage": True}
+                start = capped(lambda **kw: call(stream=True, **kw), kwargs, cap)
+                result = await collect_call(worker, start, disconnected=gone)
+            else:
+                start = capped(lambda **kw: call(stream=True, **kw), kwargs, cap)
+                chunks = await stream_call(worker, start, disconnected=gone)
+        except ClientGone:
+            log.info("client went away before its reply: generation stopped")
+            return Response(status_code=499)
         except Exception as exc:
             raise api_error(exc) from exc
+        if not stream:
+            result["model"] = name
+            return JSONResponse(result)
 
         async def renamed() -> AsyncIterator[dict[str, Any]]:
             async for chunk in chunks:
-                chunk["model"] = worker.id
+                chunk["model"] = name
                 yield chunk
 
         return StreamingResponse(
@@ -253,7 +312,9 @@ def create_app(server: Server) -> FastAPI:
         def call(**kwargs: Any) -> Any:
             return worker.cache.chat(messages, tools=tools, namespace=ns, **kwargs)
 
-        return await generate(worker, body.stream, call, body.llama_kwargs())
+        return await generate(
+            worker, body.stream, call, body.llama_kwargs(), request=request, model=body.model
+        )
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -264,7 +325,9 @@ def create_app(server: Server) -> FastAPI:
         def call(**kwargs: Any) -> Any:
             return worker.cache.complete(prompt, namespace=ns, **kwargs)
 
-        return await generate(worker, body.stream, call, body.llama_kwargs())
+        return await generate(
+            worker, body.stream, call, body.llama_kwargs(), request=request, model=body.model
+        )
 
     return app
 
@@ -285,6 +348,7 @@ def serve(
     recipes_root: str | os.PathLike[str] | None = None,
     confine_recipes: bool = True,
     store_key: str | None = None,
+    max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
 ) -> None:
     """Load the models, prewarm the recipes, and serve until interrupted.
 
@@ -292,6 +356,8 @@ def serve(
     for reading them from files and the environment). Recipes may read only files under
     ``recipes_root`` (default: each recipe path's folder) unless ``confine_recipes`` is false.
     ``store_key`` authenticates stored segments (None: ``$PREFIXCACHE_STORE_KEY``, if set).
+    ``max_tokens_cap`` bounds every request's ``max_tokens`` (and is the default for requests
+    without one); None or 0: no cap.
     """
     config = ServerConfig(
         recipe_paths=[Path(p) for p in recipes],
@@ -306,6 +372,7 @@ def serve(
         recipes_root=None if recipes_root is None else Path(recipes_root),
         confine_recipes=confine_recipes,
         store_key=store_key,
+        max_tokens_cap=max_tokens_cap,
     )
     server = Server(config)
     try:

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 #: Seconds between checks of the recipe files for changes.
 DEFAULT_WATCH_INTERVAL = 2.0
 
+#: The most tokens one request may generate unless the server is told otherwise: one decode
+#: runs at a time per model, so a request without max_tokens (up to n_ctx tokens) would make
+#: every other agent wait for it.
+DEFAULT_MAX_TOKENS_CAP = 1024
+
 
 @dataclass
 class ServerConfig:
@@ -58,6 +63,9 @@ class ServerConfig:
     confine_recipes: bool = True
     #: The store secret (docs/security.md); None: ``$PREFIXCACHE_STORE_KEY``, if set.
     store_key: str | None = None
+    #: The most tokens a request generates (more asked: clipped, ``finish_reason: "length"``);
+    #: also the default for requests that give no ``max_tokens``. None or 0: no cap.
+    max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP
 
     def recipe_roots(self) -> list[Path] | None:
         """The folders recipes may read from, or None for anywhere."""
@@ -73,6 +81,31 @@ def model_id(model: Path) -> str:
     return model.name.removesuffix(".gguf")
 
 
+def model_names(workers: Mapping[str, ModelWorker]) -> dict[str, tuple[str, Recipe]]:
+    """The other names clients may give as ``model``: each recipe's name and aliases, mapped to
+    (the id of the model the recipe runs on, the recipe).
+
+    A model id always means its model: a recipe name or alias that is also a model id is left
+    out (with a warning when the two models differ).
+    """
+    names: dict[str, tuple[str, Recipe]] = {}
+    for worker in workers.values():
+        for recipe in worker.recipes:
+            for name in (recipe.name, *recipe.aliases):
+                if name in workers:
+                    if name != worker.id:
+                        log.warning(
+                            "recipe %s: the model name %r means the model %s, not %s",
+                            recipe.name,
+                            name,
+                            name,
+                            worker.id,
+                        )
+                    continue
+                names[name] = (worker.id, recipe)
+    return names
+
+
 class Server:
     """The models, their recipes and the reload machinery behind the HTTP app."""
 
@@ -80,6 +113,8 @@ class Server:
         self.config = config
         #: Model id → worker. Copy-on-write: replaced whole under the reload lock, never changed.
         self.workers: Mapping[str, ModelWorker] = MappingProxyType({})
+        #: Recipe name or alias → (model id, recipe); copy-on-write like ``workers``.
+        self.names: Mapping[str, tuple[str, Recipe]] = MappingProxyType({})
         self.keys = ApiKeys(config.api_keys)
         self.started = time.time()
         self.reloads = 0
@@ -136,6 +171,7 @@ class Server:
             self._prewarm(worker, group)
             worker.recipes = group
         self._unload([w for w in self.workers.values() if w.id not in wanted])
+        self.names = MappingProxyType(model_names(self.workers))
         self._sources = {str(r.path) for r in recipes}
         self.watcher.watch(watched_paths(recipes))
 
@@ -230,10 +266,14 @@ class Server:
     # requests ------------------------------------------------------------------------------
 
     def worker(self, model: str) -> ModelWorker:
+        """The worker a request's ``model`` names: a model id (the GGUF file's stem), or the
+        name or an alias of a recipe, which stands for the model that recipe runs on."""
         workers = self.workers
         worker = workers.get(model)
+        if worker is None and model in self.names:
+            worker = workers.get(self.names[model][0])
         if worker is None:
-            known = ", ".join(sorted(workers))
+            known = ", ".join(sorted(workers)) + "".join(f", {name}" for name in sorted(self.names))
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; this server has: {known}",
@@ -241,6 +281,11 @@ class Server:
                 param="model",
             )
         return worker
+
+    def recipe_for(self, model: str) -> Recipe | None:
+        """The recipe a request's ``model`` names by its name or an alias, if it does."""
+        entry = self.names.get(model)
+        return entry[1] if entry is not None else None
 
     def authenticated(self, request: Request) -> str | None:
         """The request's namespace if its key is valid ("" without keys), else None."""
@@ -286,4 +331,11 @@ def _progress_log(name: str) -> Callable[[int, int], None]:
     return report
 
 
-__all__ = ["DEFAULT_WATCH_INTERVAL", "Server", "ServerConfig", "model_id"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS_CAP",
+    "DEFAULT_WATCH_INTERVAL",
+    "Server",
+    "ServerConfig",
+    "model_id",
+    "model_names",
+]

@@ -3,22 +3,28 @@
 A :class:`ModelWorker` runs its model's calls one at a time on a thread of its own, so the event
 loop never waits for llama.cpp, and refuses calls beyond its queue bound with HTTP 429.
 :func:`stream_call` runs a streaming call wholly on that thread (the iterator is advanced and
-closed there) and passes its chunks to the event loop through a queue.
+closed there) and passes its chunks to the event loop through a queue. Every call streams, even
+one whose client asked for a single response (:func:`collect_call` assembles it), so that a
+client that goes away, or gives up waiting, frees the model at the next token: a server shared
+by agents cannot be wedged by one that abandoned a long request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 from ..cache import PrefixCache
+from ..errors import PromptTooLongError
 from ..recipes import Recipe
+from .assemble import Assembler
 from .schema import APIError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -96,19 +102,59 @@ class ModelWorker:
         self.cache.close()
 
 
-# --- streaming ----------------------------------------------------------------------------------
+# --- calls that stop when their client goes away ----------------------------------------------
+
+#: Seconds between checks whether a client that is waiting for its reply is still connected.
+DISCONNECT_POLL = 0.2
+
+#: ``request.is_disconnected``: whether the client has closed its connection.
+Disconnected = Callable[[], Awaitable[bool]]
 
 _END = object()
+_T = TypeVar("_T")
+
+
+class ClientGone(Exception):
+    """The client closed its connection (it went away, or gave up waiting) before its reply."""
+
+
+async def _unless_gone(
+    work: Awaitable[_T], disconnected: Disconnected | None, poll: float = DISCONNECT_POLL
+) -> _T:
+    """Await ``work``, checking every ``poll`` seconds that the client is still there.
+
+    Raises :class:`ClientGone` when it is not; ``work`` is then cancelled, as it is when the
+    caller itself is cancelled.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        if disconnected is None:
+            return await task
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def stream_call(
-    worker: ModelWorker, start: Callable[[], Iterator[dict[str, Any]]]
+    worker: ModelWorker,
+    start: Callable[[], Iterator[dict[str, Any]]],
+    *,
+    disconnected: Disconnected | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Run a streaming call on the model's thread and hand its chunks over as they come.
 
     The first chunk (or the error that stopped the call before it) is awaited before this returns,
     so errors such as an over-long prompt become a proper HTTP status. When the consumer stops
-    early (the client went away) the call is closed after its next chunk, freeing the model.
+    early (the client went away) the call is closed after its next chunk, freeing the model; a
+    call whose client went away while it waited in the queue (``disconnected``) never starts.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -123,11 +169,14 @@ async def stream_call(
     def job() -> None:
         chunks: Iterator[dict[str, Any]] | None = None
         try:
+            if cancel.is_set():
+                log.info("client went away while queued: call dropped")
+                return
             chunks = start()  # inside the try: a call may refuse its arguments before a chunk
             for chunk in chunks:
                 put(chunk)
                 if cancel.is_set():
-                    log.info("client went away: stream stopped, model freed")
+                    log.info("client went away: generation stopped, model freed")
                     break
         except BaseException as exc:
             put(exc)
@@ -140,7 +189,11 @@ async def stream_call(
                 put(_END)  # whatever happened, the consumer is never left waiting
 
     worker.submit(job)
-    first = await queue.get()
+    try:
+        first = await _unless_gone(queue.get(), disconnected)
+    except BaseException:
+        cancel.set()
+        raise
     if isinstance(first, BaseException):
         raise first
 
@@ -158,4 +211,89 @@ async def stream_call(
     return chunks()
 
 
-__all__ = ["ModelWorker", "stream_call"]
+async def collect_call(
+    worker: ModelWorker,
+    start: Callable[[], Iterator[dict[str, Any]]],
+    *,
+    disconnected: Disconnected | None = None,
+) -> dict[str, Any]:
+    """Run a streaming call to its end and return the response ``stream=False`` would give.
+
+    The call streams on the model's thread like any other (``start`` must ask for the usage
+    chunk), so that when the client goes away (``disconnected``) it stops at its next token
+    with :class:`ClientGone` instead of holding the model until ``max_tokens``.
+    """
+    assembler = Assembler()
+    chunks = await stream_call(worker, start, disconnected=disconnected)
+
+    async def drain() -> None:
+        async for chunk in chunks:
+            assembler.add(chunk)
+
+    await _unless_gone(drain(), disconnected)
+    return assembler.result()
+
+
+# --- the server-wide cap on max_tokens ----------------------------------------------------------
+
+
+def capped(call: Callable[..., Any], kwargs: dict[str, Any], cap: int | None) -> Callable[[], Any]:
+    """A ``start`` for :func:`stream_call`: ``call(**kwargs)`` with ``max_tokens`` at most ``cap``.
+
+    A request over the cap is clipped (it ends with ``finish_reason: "length"``); one without
+    ``max_tokens`` gets the cap, or, when its prompt leaves less context than that, the rest of
+    the context (as llama.cpp gives without a cap), rather than a context_length_exceeded error
+    for a limit the client never asked for. ``cap`` None or 0: no cap. ``call`` may stream
+    (an iterator of chunks) or not (one response).
+    """
+    asked = kwargs.get("max_tokens")
+    if cap and asked is not None and asked > cap:
+        log.debug("max_tokens %d clipped to the server's cap %d", asked, cap)
+        kwargs = {**kwargs, "max_tokens": cap}
+    if not cap or asked is not None:
+        return lambda: call(**kwargs)
+
+    def start() -> Any:
+        out = None
+        try:
+            out = call(**{**kwargs, "max_tokens": cap})
+            if not isinstance(out, Iterator):
+                return out
+            first = next(out)
+        except PromptTooLongError:
+            _close(out)
+            # Prompt plus cap is over the context: let the call stop at the context's end.
+            return call(**{**kwargs, "max_tokens": None})
+        except StopIteration:
+            _close(out)
+            return iter(())
+        except BaseException:
+            _close(out)
+            raise
+        return _prepend(first, out)
+
+    return start
+
+
+def _prepend(first: dict[str, Any], chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    try:
+        yield first
+        yield from chunks
+    finally:
+        _close(chunks)
+
+
+def _close(chunks: Any) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+__all__ = [
+    "DISCONNECT_POLL",
+    "ClientGone",
+    "ModelWorker",
+    "capped",
+    "collect_call",
+    "stream_call",
+]
