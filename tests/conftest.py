@@ -25,6 +25,21 @@ SYSTEM = {
 }
 
 
+def ask(question: str) -> list[dict[str, str]]:
+    """A conversation: the shared system prompt and one user question."""
+    return [SYSTEM, {"role": "user", "content": question}]
+
+
+def text(reply: dict[str, Any]) -> str:
+    """The content of a chat completion's reply."""
+    return str(reply["choices"][0]["message"]["content"])
+
+
+def cached(reply: dict[str, Any]) -> int:
+    """The prompt tokens a chat completion did not prefill (OpenAI's cached_tokens)."""
+    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     path = config.bundled_model_path()

@@ -8,7 +8,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
-from conftest import N_CTX, SYSTEM
+from conftest import N_CTX, SYSTEM, ask, cached, text
 
 from prefixcache import (
     IncompatibleStateError,
@@ -17,18 +17,6 @@ from prefixcache import (
     PromptTooLongError,
     open_store,
 )
-
-
-def ask(question: str) -> list[dict[str, str]]:
-    return [SYSTEM, {"role": "user", "content": question}]
-
-
-def text(reply: dict) -> str:
-    return str(reply["choices"][0]["message"]["content"])
-
-
-def cached(reply: dict) -> int:
-    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
 def test_pinned_prefix_restores_in_a_fresh_cache_and_matches_cold_output(open_cache, cold_reply):

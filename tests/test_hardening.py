@@ -20,22 +20,10 @@ from typing import Any
 
 import llama_cpp
 import pytest
-from conftest import N_CTX, SYSTEM
+from conftest import N_CTX, SYSTEM, ask, cached, text
 
 from prefixcache import PrefixCache, lifecycle, open_store
 from prefixcache.segment import checksum
-
-
-def ask(question: str) -> list[dict[str, str]]:
-    return [SYSTEM, {"role": "user", "content": question}]
-
-
-def text(reply: dict) -> str:
-    return str(reply["choices"][0]["message"]["content"])
-
-
-def cached(reply: dict) -> int:
-    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
 def on_thread(fn: Callable[[], Any], timeout: float = 60) -> Any:
