@@ -54,6 +54,9 @@ QUOTAS_MB = (None, 8.0, 20.0, 60.0)  # 64 tokens of SmolLM2 KV are about 1.5 MB
 #: Segment lengths: short ones chain several segments per conversation; the default (1024)
 #: stores a conversation as one segment, so shared heads are split out of longer segments.
 SEGMENT_TOKENS = (64, 160, 1024)
+#: Context sizes: in 512 tokens the longest conversations come near the end of the context
+#: (restores into a nearly full KV cache, prompts that do not fit with their max_tokens).
+CONTEXTS = (N_CTX, 512)
 #: What an operation may refuse without it being a failure.
 ALLOWED_ERRORS = {"pin": {"QuotaExceededError"}}
 ANSWER_TIMEOUT_S = 180.0
@@ -182,6 +185,7 @@ def programs(draw: st.DrawFn, redis: bool = False) -> dict[str, Any]:
     return {
         "quota_mb": draw(st.sampled_from(QUOTAS_MB)),
         "segment_tokens": draw(st.sampled_from(SEGMENT_TOKENS)),
+        "n_ctx": draw(st.sampled_from(CONTEXTS)),
         "convs": convs,
         "ops": ops,
     }
@@ -207,7 +211,7 @@ def resolve(convs: list[tuple[Any, ...]], cold: Cold) -> list[list[dict[str, str
             ]
         elif kind == "reply":
             base = out[spec[1]]
-            reply = cold.chat(base, REPLY_TOKENS)[0]
+            reply = cold.chat(base, REPLY_TOKENS)[0] or ""
             msgs = [
                 *base,
                 {"role": "assistant", "content": reply},
@@ -230,7 +234,8 @@ def resolve(convs: list[tuple[Any, ...]], cold: Cold) -> list[list[dict[str, str
 def describe(program: dict[str, Any]) -> str:
     """The program as a readable listing (hypothesis prints the literal as well)."""
     lines = [
-        f"quota_mb={program['quota_mb']} segment_tokens={program['segment_tokens']}",
+        f"quota_mb={program['quota_mb']} segment_tokens={program['segment_tokens']} "
+        f"n_ctx={program.get('n_ctx', N_CTX)}",
         "conversations:",
     ]
     for i, spec in enumerate(program["convs"]):
@@ -252,23 +257,36 @@ def describe(program: dict[str, Any]) -> str:
 
 
 class Cold:
-    """Greedy answers of a plain Llama with an empty KV cache (what users get without us)."""
+    """Greedy answers of a plain Llama with an empty KV cache (what users get without us).
 
-    def __init__(self, model_path: Path):
+    Each answer is ``(content, prompt_tokens)``; content is None when the prompt and its
+    max_tokens do not fit in the context (llama-cpp-python then shortens max_tokens, prefixcache
+    raises PromptTooLongError: the fuzz expects the error).
+    """
+
+    def __init__(self, model_path: Path, n_ctx: int = N_CTX):
+        self.n_ctx = n_ctx
         self.llm = llama_cpp.Llama(
             str(model_path),
-            n_ctx=N_CTX,
+            n_ctx=n_ctx,
             n_batch=N_BATCH,
             n_threads=N_THREADS,
             n_threads_batch=N_THREADS,
             verbose=False,
             chat_format="chat_template.default",
         )
+        self.n_ctx = self.llm.n_ctx()  # as the cache sees it (llama.cpp may round it up)
         self.template = ChatTemplate(self.llm)
-        self._memo: dict[str, tuple[str, int]] = {}
+        self._memo: dict[str, tuple[str | None, int]] = {}
 
-    def chat(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int]:
+    def chat(
+        self, messages: list[dict[str, str]], max_tokens: int, *, strict: bool = True
+    ) -> tuple[str | None, int]:
+        """``strict``: as PrefixCache.chat, which refuses what llama-cpp-python shortens."""
         key = json.dumps(["chat", messages, max_tokens])
+        n_prompt = len(self.template.tokens(messages))
+        if n_prompt + (max_tokens if strict else 1) > self.n_ctx:
+            return None, n_prompt
         if key not in self._memo:
             self.llm.reset()
             out = self.llm.create_chat_completion(
@@ -278,8 +296,11 @@ class Cold:
             self._memo[key] = (content, out["usage"]["prompt_tokens"])
         return self._memo[key]
 
-    def complete(self, prompt: str, max_tokens: int) -> tuple[str, int]:
+    def complete(self, prompt: str, max_tokens: int) -> tuple[str | None, int]:
         key = json.dumps(["complete", prompt, max_tokens])
+        n_prompt = len(self.llm.tokenize(prompt.encode("utf-8"), special=True))
+        if n_prompt + max_tokens > self.n_ctx:
+            return None, n_prompt
         if key not in self._memo:
             self.llm.reset()
             out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0)
@@ -389,7 +410,9 @@ class Totals:
             f"fuzz: {c['examples']} programs, {c['operations']} operations, "
             f"{c['answers']} answers compared, {c['mismatches']} mismatches, "
             f"{c['crashes']} crashes, {c['quarantines']} quarantined, "
+            f"{c['over_quota']} pins over the quota, "
             f"{c['refused']} pins refused by the quota, "
+            f"{c['too_long']} prompts too long (refused as expected), "
             + (f"{c['redis_kills']} redis-server kills, " if c["redis_kills"] else "")
             + f"{time.monotonic() - self.started:.0f} s"
         )
@@ -413,7 +436,16 @@ class Quarantine(Failure):
     """A valid segment was quarantined (nothing in the fuzz corrupts any)."""
 
 
-FAILURES = {"crashes": Crash, "mismatches": Mismatch, "quarantines": Quarantine}
+class OverQuota(Failure):
+    """A pin succeeded, and the pinned segments now hold more bytes than the pinner's quota."""
+
+
+FAILURES = {
+    "crashes": Crash,
+    "mismatches": Mismatch,
+    "quarantines": Quarantine,
+    "over_quota": OverQuota,
+}
 
 
 class Redis:
@@ -484,6 +516,7 @@ class Run:
             "store": self.stores[i],
             "quota_mb": self.program["quota_mb"],
             "segment_tokens": self.program["segment_tokens"],
+            "n_ctx": self.program.get("n_ctx", N_CTX),
         }
 
     def _command(self, op: dict[str, Any]) -> dict[str, Any]:
@@ -558,19 +591,30 @@ class Run:
         bad = [r for r in logs if "corrupt" in r or "quarantin" in r]
         if bad or answer.get("corrupt"):
             self._fail("quarantines", index, op, f"a valid segment was quarantined: {bad}")
+        expected: tuple[str | None, int] | None = None
+        if kind == "complete":
+            expected = self.cold.complete(cmd["prompt"], cmd["max_tokens"])
+        elif kind in ("chat", "prepare"):
+            # prepare + create_chat_completion is llama-cpp-python's call: max_tokens shortened.
+            strict = kind == "chat"
+            expected = self.cold.chat(cmd["messages"], cmd["max_tokens"], strict=strict)
         if not answer["ok"]:
             if answer["error"] in ALLOWED_ERRORS.get(kind, ()):
                 self.totals.counts["refused"] += 1
                 return
+            too_long = ("PromptTooLongError", "ValueError" if kind == "prepare" else "")
+            if expected is not None and expected[0] is None and answer["error"] in too_long:
+                self.totals.counts["too_long"] += 1
+                return
             self._fail("crashes", index, op, f"{answer['error']}: {answer['traceback']}")
-        if kind not in ("chat", "complete", "prepare"):
+        if kind == "pin":
+            self._check_pin(index, op, answer)
+        if expected is None:
             return
-        if kind == "complete":
-            expected = self.cold.complete(cmd["prompt"], cmd["max_tokens"])
-        else:
-            expected = self.cold.chat(cmd["messages"], cmd["max_tokens"])
         got = (answer["content"], answer["prompt_tokens"])
         self.totals.counts["answers"] += 1
+        if expected[0] is None:
+            self._fail("mismatches", index, op, f"answered {got!r}: expected PromptTooLongError")
         if got != expected:
             self._fail(
                 "mismatches",
@@ -581,6 +625,19 @@ class Run:
         cached = answer.get("cached")
         if cached is not None and not 0 <= cached < answer["prompt_tokens"]:
             self._fail("mismatches", index, op, f"cached_tokens={cached} of {got[1]}")
+
+    def _check_pin(self, index: int, op: dict[str, Any], answer: dict[str, Any]) -> None:
+        """Pinning past the quota is an error: after a pin, pins fit in the pinner's quota.
+
+        Checked only when no operation of the other process is in flight (pins of two names
+        racing each other are not serialised, and a lost race is not what this looks for).
+        """
+        quota, pinned = answer["quota_bytes"], answer["pinned_bytes"]
+        if quota is None or pinned <= quota:
+            return
+        if any(p.pending is not None for p in self.fleet.procs):
+            return
+        self._fail("over_quota", index, op, f"{pinned} bytes pinned, quota {quota}")
 
 
 def _summary(answer: dict[str, Any]) -> str:
@@ -615,8 +672,16 @@ def fuzz_store(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def cold(model_path: Path) -> Cold:
-    return Cold(model_path)
+def colds(model_path: Path) -> Callable[[int], Cold]:
+    """The cold reference for a context size (the numbers depend on it)."""
+    made: dict[int, Cold] = {}
+
+    def get(n_ctx: int) -> Cold:
+        if n_ctx not in made:
+            made[n_ctx] = Cold(model_path, n_ctx)
+        return made[n_ctx]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -639,7 +704,7 @@ def totals(request: pytest.FixtureRequest) -> Iterator[Totals]:
 @pytest.fixture(scope="module")
 def runner(
     fleet: Fleet,
-    cold: Cold,
+    colds: Callable[[int], Cold],
     totals: Totals,
     fuzz_store: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -659,6 +724,7 @@ def runner(
                 redis.server.url(local=str(where / f"tier{i}"), retry_after="0.5", prefix=f"f{n}")
                 for i in range(len(fleet.procs))
             ]
+        cold = colds(program.get("n_ctx", N_CTX))
         Run(program, fleet, cold, stores, totals, redis).run()
 
     yield run
@@ -713,5 +779,31 @@ def test_regression_pin_after_chat(runner: Callable[[dict[str, Any]], None], pin
         "segment_tokens": 1024,
         "convs": [("new", 0, 0)],
         "ops": [_chat(0), pin, _chat(0), _chat(1)],
+    }
+    runner(program)
+
+
+def test_regression_pin_of_an_autosaved_chain_is_held_to_the_quota(
+    runner: Callable[[dict[str, Any]], None],
+):
+    """Pinning a prefix that autosave had stored counted only the chain's last segment.
+
+    Found by the fuzz: with an 8 MB quota, pinning the first 7 messages (398 tokens, 9.2 MB)
+    alone is refused with QuotaExceededError, but after a chat of the conversation had stored
+    its segments the same pin succeeded, and 9,177,672 bytes were pinned under the 8,000,000-byte
+    quota (lifecycle.check_pin_quota counts the new segments and the last key, not the stored
+    ancestors that the pin makes pinned too).
+    """
+    program = {
+        "quota_mb": 8.0,
+        "segment_tokens": 160,
+        # 114 words of system prompt, then three long turns: 449 tokens in all.
+        "convs": [
+            ("new", 17, 29),
+            ("extend", 0, 19, 28),
+            ("extend", 1, 19, 29),
+            ("extend", 2, 19, 27),
+        ],
+        "ops": [_chat(0, conv=3), {"proc": 0, "op": "pin", "conv": 3, "messages": 7, "name": "a"}],
     }
     runner(program)

