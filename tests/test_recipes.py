@@ -916,3 +916,14 @@ def test_an_alias_may_not_name_another_recipe(tmp_path: Path) -> None:
     b.write_text("name: beta\naliases: [shared]\nprefix: [{system: b}]\n")
     with pytest.raises(RecipeError, match="alias 'shared' is already the alias of recipe 'alpha'"):
         load_recipes([tmp_path])
+
+
+def test_the_example_of_openai_messages_extends_the_support_bot() -> None:
+    recipes = {r.name: r for r in load_recipes([SHIPPED / "examples"])}
+    assert set(recipes) == {"support-bot", "support-bot-tools"}  # the parent comes with it
+    example = recipes["support-bot-tools"]
+    assert example.aliases == ("support",)
+    assert [m["role"] for m in example.own_messages] == ["user", "assistant", "tool", "assistant"]
+    (call,) = example.own_messages[1]["tool_calls"]
+    assert call["function"]["name"] == "lookup_order"
+    assert example.own_messages[2]["tool_call_id"] == call["id"]

@@ -31,6 +31,7 @@ from prefixcache.errors import RecipeError
 from prefixcache.prewarm import prewarm
 from prefixcache.recipes import load_recipe
 from prefixcache.server import APIError, ModelWorker, Server, ServerConfig
+from prefixcache.server.assemble import Assembler
 from prefixcache.template import ChatTemplate
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
@@ -715,3 +716,95 @@ def test_a_recipe_name_or_alias_is_a_model_name_and_its_few_shot_calls_restore(
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="clerk-2", messages=messages, max_tokens=4)
     assert "gpt-4o-mini" in str(missing.value) and "clerk" in str(missing.value)
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "choices": [choice],
+    }
+
+
+def test_streamed_tool_call_deltas_assemble_into_one_message_by_index():
+    def call_delta(index: int, **fields: Any) -> dict[str, Any]:
+        return {"tool_calls": [{"index": index, **fields}]}
+
+    usage = {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}
+    chunks = [
+        chunk({"role": "assistant"}),
+        chunk({"content": "Let me "}),
+        chunk({"content": "check."}),
+        chunk(call_delta(0, id="call_a", type="function", function={"name": "f", "arguments": ""})),
+        chunk(call_delta(0, function={"arguments": '{"sku": '})),
+        chunk(call_delta(1, id="call_b", type="function", function={"name": "g", "arguments": ""})),
+        chunk(call_delta(0, function={"arguments": '"A-1"}'})),
+        chunk(call_delta(1, function={"arguments": "{}"})),
+        chunk({}, "tool_calls"),
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": usage},
+    ]
+    assert Assembler().extend(chunks).result() == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 7,
+        "model": "",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Let me check.",
+                    "tool_calls": [
+                        {
+                            "id": "call_a",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"sku": "A-1"}'},
+                        },
+                        {
+                            "id": "call_b",
+                            "type": "function",
+                            "function": {"name": "g", "arguments": "{}"},
+                        },
+                    ],
+                },
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": usage,
+    }
+    assert chunks[4]["choices"][0]["delta"]["tool_calls"][0]["function"] == {
+        "arguments": '{"sku": '
+    }
+    only_calls = Assembler().extend([chunks[0], *chunks[3:5], chunks[8]]).message()
+    assert only_calls["content"] is None and len(only_calls["tool_calls"]) == 1
+    assert Assembler().extend([chunks[0], chunk({}, "stop")]).message() == {
+        "role": "assistant",
+        "content": "",
+    }
+
+
+def test_text_completion_chunks_assemble_with_their_logprobs():
+    def piece(text: str, logprob: float | None, finish: str | None = None) -> dict[str, Any]:
+        logprobs = None
+        if logprob is not None:
+            logprobs = {"tokens": [text], "text_offset": [0], "token_logprobs": [logprob]}
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
+        return {"id": "cmpl-1", "object": "text_completion", "created": 3, "choices": [choice]}
+
+    result = Assembler().extend([piece(" 13", -0.5), piece(",", -0.1), piece("", None, "length")])
+    assert result.result()["choices"] == [
+        {
+            "text": " 13,",
+            "index": 0,
+            "logprobs": {
+                "tokens": [" 13", ","],
+                "text_offset": [0, 0],
+                "token_logprobs": [-0.5, -0.1],
+            },
+            "finish_reason": "length",
+        }
+    ]
+    assert result.result()["object"] == "text_completion"
