@@ -50,7 +50,7 @@ MAX_RUNS, MAX_RUN_OPS = 6, 4
 MAX_CONVS = 4  # few, so that operations often meet the same conversation again
 REPLY_TOKENS = 16  # the length of the model's own replies that "reply" conversations carry
 PIN_NAMES = ("a", "b", "c")
-QUOTAS_MB = (None, 8.0, 20.0, 60.0)  # 64 tokens of SmolLM2 KV are about 1.5 MB
+QUOTAS_MB = (None, 4.0, 12.0, 60.0)  # 64 tokens of SmolLM2 KV are 1.5 MB; a head 1.6-3.9 MB
 #: Segment lengths: short ones chain several segments per conversation; the default (1024)
 #: stores a conversation as one segment, so shared heads are split out of longer segments.
 SEGMENT_TOKENS = (64, 160, 1024)
