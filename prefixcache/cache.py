@@ -372,6 +372,8 @@ class PrefixCache:
         """Store ``tokens[:end]`` (whose KV must be live) as segments chained onto what is stored.
 
         Returns ``(last key, new keys, new bytes)``; the last key is None when nothing is stored.
+        ``before_write`` is given the keys of the whole chain (stored ancestors and new segments)
+        and the new bytes, before anything is written.
         """
         if common_prefix_length(self.kv.live_tokens(), tokens[:end]) < end:
             raise RuntimeError("the span to store is not live in the context")
@@ -418,7 +420,8 @@ class PrefixCache:
         new_keys = [s.key for s, _ in segs]
         new_bytes = sum(s.nbytes for s, _ in segs)
         if before_write is not None:
-            before_write(new_keys, new_bytes)
+            ancestors = list(known.index.chain(parent)) if parent is not None else []
+            before_write(ancestors + new_keys, new_bytes)
         gen_before = self.store.generation()
         written = 0
         for seg, data in segs:
@@ -500,7 +503,7 @@ class PrefixCache:
             if last is None:
                 raise PrefixCacheError("nothing to pin: the prefix is empty")
             if not new_keys:
-                quota_check([last], 0)
+                quota_check(list(self.catalog.sync(ns).index.chain(last)), 0)
             self.store.set_pin(
                 Pin(
                     name=name,

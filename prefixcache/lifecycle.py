@@ -53,15 +53,19 @@ class Eviction:
 
 
 def check_pin_quota(
-    store: Store, quota_bytes: int | None, new_keys: Iterable[str], new_bytes: int, now: float
+    store: Store, quota_bytes: int | None, keys: Iterable[str], new_bytes: int, now: float
 ) -> None:
-    """Refuse a pin whose segments would, with the other pins, exceed the quota."""
+    """Refuse a pin whose segments would, with the other pins, exceed the quota.
+
+    ``keys`` is the pin's whole chain: the stored segments it makes pinned (counted unless
+    another pin holds them already) and the new ones, whose ``new_bytes`` are not stored yet.
+    """
     if quota_bytes is None:
         return
     segments = {s.key: s for s in store.segments()}
     pinned = pinned_keys(store, segments, now)
     pinned_bytes = sum(segments[k].nbytes for k in pinned)
-    extra = new_bytes + sum(segments[k].nbytes for k in set(new_keys) - pinned if k in segments)
+    extra = new_bytes + sum(segments[k].nbytes for k in set(keys) - pinned if k in segments)
     if pinned_bytes + extra > quota_bytes:
         raise QuotaExceededError(pinned_bytes, quota_bytes, extra)
 
