@@ -11,21 +11,19 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import llama_cpp
 
-from . import config
+from . import config, generate
 from .calibration import Calibration
 from .catalog import Catalog, Known
 from .errors import (
     CorruptSegmentError,
     PrefixCacheError,
-    PromptTooLongError,
     SegmentRefusedError,
     StoreError,
     TemplateError,
@@ -37,8 +35,9 @@ from .lifecycle import Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
 from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
-from .stream import Stream, model_lock
+from .stream import model_lock
 from .template import ChatTemplate, Message
+from .tools import ToolParser, get_parser, parser_for_template
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +118,9 @@ class PrefixCache:
         store_key: a secret shared by the processes that trust each other's segments (None:
             ``$PREFIXCACHE_STORE_KEY`` if set). Segments are then signed with a keyed MAC and
             unsigned or wrongly signed ones are refused (see docs/security.md).
+        tool_parser: how the model writes tool calls (a name from
+            ``prefixcache.tools.PARSERS`` or a ToolParser; None: chosen from the chat template).
+        chat_template: a Jinja chat template to use instead of the one in the model's metadata.
     """
 
     def __init__(
@@ -131,12 +133,19 @@ class PrefixCache:
         quota_gb: float | None = None,
         segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
         store_key: str | bytes | None = None,
+        tool_parser: str | ToolParser | None = None,
+        chat_template: str | None = None,
     ):
         self.llm = llm
         self._lock = model_lock(llm)
         with self._lock:
             self.kv = LlamaKV(llm)
-        self.template = ChatTemplate(llm)
+        self.template = ChatTemplate(llm, chat_template)
+        self.tool_parser = (
+            get_parser(tool_parser)
+            if tool_parser is not None
+            else parser_for_template(self.template.source, self.template.native_tools)
+        )
         self.store = open_store(store)
         self.namespace = namespace
         self.autosave = autosave
@@ -181,6 +190,8 @@ class PrefixCache:
         autosave: bool = True,
         quota_gb: float | None = None,
         store_key: str | bytes | None = None,
+        tool_parser: str | ToolParser | None = None,
+        chat_template: str | None = None,
         **llama_kwargs: Any,
     ) -> PrefixCache:
         """Load a model (default: the bundled SmolLM2) and open a cache on it."""
@@ -205,6 +216,8 @@ class PrefixCache:
                 autosave=autosave,
                 quota_gb=quota_gb,
                 store_key=store_key,
+                tool_parser=tool_parser,
+                chat_template=chat_template,
             )
         except BaseException:
             llm.close()
@@ -542,25 +555,32 @@ class PrefixCache:
         stream: bool = False,
         namespace: str | None = None,
         autosave: bool | None = None,
+        tool_parser: str | ToolParser | None = None,
         **kwargs: Any,
     ) -> Any:
         """An OpenAI-shaped chat completion that starts from the longest stored prefix.
 
-        Takes ``create_chat_completion``'s keyword arguments. ``usage`` gains
-        ``prompt_tokens_details.cached_tokens``. With ``stream=True`` an iterator of chunks is
-        returned; pass ``stream_options={"include_usage": True}`` for a final usage chunk.
+        Takes what OpenAI's chat-completions API takes (checked by
+        :func:`prefixcache.request.normalise_chat`: content-part lists, the developer role,
+        ``max_completion_tokens``; a malformed request raises ``RequestError``) and
+        ``create_chat_completion``'s other keyword arguments. The model's tool calls come back
+        as ``message.tool_calls`` with ``finish_reason="tool_calls"``, read by ``tool_parser``
+        (default: the one chosen from the chat template). ``tool_choice="required"`` or a named
+        function, and ``response_format`` json_object/json_schema, are enforced by a grammar.
+        ``usage`` gains ``prompt_tokens_details.cached_tokens``. With ``stream=True`` an
+        iterator of chunks is returned (tool calls as ``delta.tool_calls``); pass
+        ``stream_options={"include_usage": True}`` for a final usage chunk.
         """
-
-        def start() -> tuple[list[int], Callable[..., Any]]:
-            msgs, tool_arg = self.template.messages_for(messages, tools)
-            tokens = self.template.tokens(messages, tools)
-
-            def call(**kw: Any) -> Any:
-                return self.template.complete(self.llm, messages=msgs, tools=tool_arg, **kw)
-
-            return tokens, call
-
-        return self._generate(start, "chat.completion.chunk", stream, namespace, autosave, kwargs)
+        return generate.chat(
+            self,
+            messages,
+            tools=tools,
+            stream=stream,
+            namespace=namespace,
+            autosave=autosave,
+            tool_parser=tool_parser,
+            kwargs=kwargs,
+        )
 
     def complete(
         self,
@@ -577,16 +597,9 @@ class PrefixCache:
         and matched against the store like a chat; takes ``create_completion``'s keyword
         arguments and returns its dict (or chunks), with ``usage`` as in :meth:`chat`.
         """
-
-        def start() -> tuple[list[int], Callable[..., Any]]:
-            tokens = self.tokenize_prompt(prompt)
-
-            def call(**kw: Any) -> Any:
-                return self.llm.create_completion(tokens, **kw)
-
-            return tokens, call
-
-        return self._generate(start, "text_completion", stream, namespace, autosave, kwargs)
+        return generate.complete(
+            self, prompt, stream=stream, namespace=namespace, autosave=autosave, kwargs=kwargs
+        )
 
     def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """The token ids ``Llama.create_completion`` evaluates for ``prompt`` (no infill suffix).
@@ -610,106 +623,6 @@ class PrefixCache:
         if not tokens:
             raise PrefixCacheError("the prompt is empty")
         return tokens
-
-    def _generate(
-        self,
-        start: Callable[[], tuple[list[int], Callable[..., Any]]],
-        chunk_object: str,
-        stream: bool,
-        namespace: str | None,
-        autosave: bool | None,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """Run one call: restore, let llama-cpp-python evaluate the suffix and generate, autosave.
-
-        ``start()`` (called under the model lock) gives the prompt's tokens and a function that
-        runs the llama-cpp-python call with the keyword arguments.
-        """
-        ns = self.namespace if namespace is None else namespace
-        save = self.autosave if autosave is None else autosave
-        if stream:
-            include_usage = bool((kwargs.pop("stream_options", None) or {}).get("include_usage"))
-
-            def body(cancel: threading.Event) -> Iterator[dict[str, Any]]:
-                return self._stream_chunks(
-                    start, chunk_object, ns, save, kwargs, include_usage, cancel
-                )
-
-            return Stream(body, self._lock)
-        with self._lock:
-            tokens, call = start()
-            prepared = self._prepare_call(tokens, ns, kwargs)
-            t0 = time.perf_counter()
-            result = call(**kwargs)
-            usage = result.setdefault("usage", {})
-            usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
-            self._after_call(prepared, time.perf_counter() - t0, usage.get("completion_tokens", 0))
-            if save:
-                self._autosave(ns, prepared)
-            return result
-
-    def _prepare_call(self, tokens: list[int], ns: str, kwargs: dict[str, Any]) -> Prepared:
-        max_tokens = kwargs.get("max_tokens")
-        extra = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1
-        if len(tokens) + extra > self.kv.n_ctx:
-            raise PromptTooLongError(len(tokens) + extra, self.kv.n_ctx, "prompt plus max_tokens")
-        prepared = self._prepare(tokens, ns, extra)
-        self._count(prepared)
-        return prepared
-
-    def _after_call(self, prepared: Prepared, elapsed: float, completion_tokens: int) -> None:
-        # The call's time is mostly prefill of the suffix plus decoding; attribute by tokens.
-        prefilled = prepared.prompt_tokens - prepared.reused_tokens
-        if completion_tokens == 0 and prefilled:
-            self._note_prefill(prefilled, elapsed)
-        else:
-            self._stats.prefill_tokens += prefilled
-
-    def _stream_chunks(
-        self,
-        start: Callable[[], tuple[list[int], Callable[..., Any]]],
-        chunk_object: str,
-        ns: str,
-        save: bool,
-        kwargs: dict[str, Any],
-        include_usage: bool,
-        cancel: threading.Event,
-    ) -> Iterator[dict[str, Any]]:
-        """The body of a streaming call; runs under the model lock on the Stream's thread."""
-        tokens, call = start()
-        prepared = self._prepare_call(tokens, ns, kwargs)
-        t0 = time.perf_counter()
-        n_chunks = 0
-        last: dict[str, Any] = {}
-        chunks = call(stream=True, **kwargs)
-        try:
-            for chunk in chunks:
-                choices = chunk.get("choices") or [{}]
-                if choices[0].get("text") or choices[0].get("delta", {}).get("content"):
-                    n_chunks += 1
-                last = chunk
-                yield chunk
-                if cancel.is_set():
-                    break
-        finally:
-            chunks.close()
-        self._after_call(prepared, time.perf_counter() - t0, n_chunks)
-        if save:
-            self._autosave(ns, prepared)
-        if include_usage and not cancel.is_set():
-            yield {
-                "id": last.get("id", ""),
-                "object": chunk_object,
-                "created": last.get("created", int(time.time())),
-                "model": last.get("model", ""),
-                "choices": [],
-                "usage": {
-                    "prompt_tokens": prepared.prompt_tokens,
-                    "completion_tokens": n_chunks,
-                    "total_tokens": prepared.prompt_tokens + n_chunks,
-                    "prompt_tokens_details": {"cached_tokens": prepared.reused_tokens},
-                },
-            }
 
     def _autosave(self, ns: str, prepared: Prepared) -> None:
         """Store the prompt of the call just made, so the next turn restores all of it.

@@ -24,6 +24,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import TemplateError
 from .radix import common_prefix_length
+from .request import text_content
 
 Message = Mapping[str, Any]
 
@@ -49,12 +50,12 @@ TOOLS_PREAMBLE = (
 class ChatTemplate:
     """Renders messages (and tools) to the token ids the model will see."""
 
-    def __init__(self, llm: llama_cpp.Llama):
-        template = llm.metadata.get("tokenizer.chat_template")
+    def __init__(self, llm: llama_cpp.Llama, source: str | None = None):
+        template = source or llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise TemplateError(
                 "the model has no chat template in its GGUF metadata; prefixcache needs one to "
-                "render conversations"
+                "render conversations (or pass chat_template=)"
             )
         self._llm = llm
         self.source = template
@@ -76,6 +77,11 @@ class ChatTemplate:
         self._handler = self._with_prompt.to_chat_handler()
         #: Templates that never mention tools get them as a system message instead.
         self.native_tools = "tools" in template
+        #: Templates without a developer role get developer messages as system messages.
+        self.developer_role = "developer" in template
+        #: Whether the template shows a call's arguments given as a JSON string as they are;
+        #: if not (it applies ``tojson`` to them), they are handed over as an object.
+        self.string_arguments = self.native_tools and self._shows_string_arguments()
 
     def complete(self, llm: llama_cpp.Llama, **kwargs: Any) -> Any:
         """Run the chat handler with ``Llama.create_chat_completion``'s defaults.
@@ -94,12 +100,13 @@ class ChatTemplate:
 
         A template that ignores ``tools`` would silently drop them; for such templates the tool
         schemas become one system message right after the leading system messages, and an
-        assistant message that holds only ``tool_calls`` gets them as its text, in the format
-        the tools message asks for (such templates would fail on its empty content).
+        assistant message's ``tool_calls`` become its text, in the format the tools message asks
+        for (then its content, if any). Templates that render tools themselves get the calls,
+        their JSON-string arguments as objects if the template would otherwise show a quoted
+        string. Text content parts are joined; a ``developer`` message is a ``system`` message
+        to a template that has no developer role.
         """
-        msgs = [dict(m) for m in messages]
-        if not self.native_tools:
-            msgs = [_calls_as_text(m) for m in msgs]
+        msgs = [self._message(m) for m in messages]
         if not tools:
             return msgs, None
         tool_list = [dict(t) for t in tools]
@@ -111,6 +118,40 @@ class ChatTemplate:
             at += 1
         msgs.insert(at, {"role": "system", "content": text})
         return msgs, None
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        """One message as the template should get it (see :meth:`messages_for`)."""
+        msg = dict(message)
+        if isinstance(msg.get("content"), list):  # prepare() and pin() take parts too
+            msg["content"] = text_content(msg["content"])
+        if msg.get("role") == "developer" and not self.developer_role:
+            msg["role"] = "system"
+        if not msg.get("tool_calls"):
+            # Some templates test for the key ('tool_calls' in message), not its value.
+            msg.pop("tool_calls", None)
+            return msg
+        if not self.native_tools:
+            return _calls_as_text(msg)
+        if not self.string_arguments:
+            msg["tool_calls"] = [_object_arguments(c) for c in msg["tool_calls"]]
+        return msg
+
+    def _shows_string_arguments(self) -> bool:
+        arguments = '{"probe": "x"}'
+        call = {
+            "id": "probe0001",  # Mistral's templates want 9 letters and digits
+            "type": "function",
+            "function": {"name": "probe", "arguments": arguments},
+        }
+        probe = [
+            {"role": "user", "content": "probe"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
+        try:
+            text = self._without_prompt(messages=probe).prompt  # type: ignore[arg-type]
+        except Exception:  # a template that refuses the probe: hand objects, as most want
+            return False
+        return arguments in text
 
     def render(
         self,
@@ -188,15 +229,31 @@ class ChatTemplate:
 
 
 def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
-    calls = message.get("tool_calls")
-    if message.get("content") or not calls:
-        return message
+    """An assistant message's calls as the JSON lines the folded tools message asks for (then
+    its content, if any: the order the ``json`` tool parser reads them back in)."""
     lines = []
-    for call in calls:
+    for call in message["tool_calls"]:
         function = call.get("function") or {}
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             with contextlib.suppress(ValueError):
                 arguments = json.loads(arguments)
         lines.append(json.dumps({"name": function.get("name"), "arguments": arguments}))
-    return {**message, "content": "\n".join(lines)}
+    if message.get("content"):
+        lines.append(str(message["content"]))
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**out, "content": "\n".join(lines)}
+
+
+def _object_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    """A call whose arguments, if a JSON string of an object, are that object."""
+    function = call.get("function")
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return dict(call)
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return dict(call)
+    if not isinstance(arguments, dict):
+        return dict(call)
+    return {**call, "function": {**function, "arguments": arguments}}
