@@ -306,11 +306,10 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         ns = server.namespace(request)
         worker = server.worker(body.model)
-        messages = body.chat_messages()
-        tools = body.tools
+        checked = body.checked()  # a malformed request is a 400 before it queues
 
         def call(**kwargs: Any) -> Any:
-            return worker.cache.chat(messages, tools=tools, namespace=ns, **kwargs)
+            return worker.cache.chat(checked.messages, tools=checked.tools, namespace=ns, **kwargs)
 
         return await generate(
             worker, body.stream, call, body.llama_kwargs(), request=request, model=body.model

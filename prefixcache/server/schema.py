@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import PrefixCacheError, PromptTooLongError, TemplateError
+from ..request import ChatCall, RequestError, normalise_chat
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def api_error(exc: BaseException) -> APIError:
     """The HTTP answer for an exception raised while serving a request."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, TemplateError | ValueError):
@@ -128,51 +131,57 @@ class _Request(BaseModel):
 
 
 class ChatRequest(_Request):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    """A chat completion request. Messages, tools, ``tool_choice`` and ``response_format`` are
+    checked by :func:`prefixcache.request.normalise_chat`, the same code that checks
+    ``PrefixCache.chat`` (see :meth:`checked`); ``metadata`` and ``store`` are accepted and
+    ignored, as ``user`` is."""
+
+    messages: list[Any] = Field(min_length=1)
+    tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
 
-    PASSTHROUGH = (*_Request.PASSTHROUGH, "tool_choice", "response_format", "logprobs")
+    PASSTHROUGH = (
+        *_Request.PASSTHROUGH,
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "logprobs",
+    )
+
+    def checked(self) -> ChatCall:
+        """The request as the library will run it; an HTTP 400 naming the field if malformed."""
+        try:
+            return normalise_chat(
+                self.messages,
+                self.tools,
+                tool_choice=self.tool_choice,
+                parallel_tool_calls=self.parallel_tool_calls,
+                response_format=self.response_format,
+                max_completion_tokens=self.max_completion_tokens,
+                max_tokens=self.max_tokens,
+            )
+        except RequestError as exc:
+            raise api_error(exc) from exc
 
     def llama_kwargs(self) -> dict[str, Any]:
         out = super().llama_kwargs()
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            out["max_tokens"] = self.max_completion_tokens
+        max_tokens = self.checked().options.get("max_tokens")
+        if max_tokens is not None:
+            out["max_tokens"] = max_tokens  # max_completion_tokens resolved
         if self.top_logprobs is not None:
             out["top_logprobs"] = self.top_logprobs
         return out
 
     def chat_messages(self) -> list[dict[str, Any]]:
-        """The messages with text content parts joined: chat templates expect strings."""
-        out = []
-        for i, message in enumerate(self.messages):
-            role = message.get("role")
-            if not isinstance(role, str):
-                raise APIError(400, f"messages[{i}] needs a role", param=f"messages[{i}].role")
-            content = message.get("content")
-            if isinstance(content, list):
-                texts = []
-                for part in content:
-                    if not isinstance(part, dict) or part.get("type") != "text":
-                        raise APIError(
-                            400,
-                            f"messages[{i}]: only text content parts are supported",
-                            param=f"messages[{i}].content",
-                        )
-                    texts.append(str(part.get("text", "")))
-                message = {**message, "content": "".join(texts)}
-            elif content is not None and not isinstance(content, str):
-                raise APIError(
-                    400,
-                    f"messages[{i}].content must be a string or a list of text parts",
-                    param=f"messages[{i}].content",
-                )
-            out.append(message)
-        return out
+        """The messages as the library gets them (text content parts joined)."""
+        return self.checked().messages
 
 
 class CompletionRequest(_Request):
