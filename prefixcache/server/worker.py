@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import math
 import threading
@@ -139,8 +138,8 @@ async def _unless_gone(
     finally:
         if not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            # Its own CancelledError is returned, not raised; the caller's own still propagates.
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def stream_call(
