@@ -421,6 +421,8 @@ class Totals:
 class Failure(AssertionError):
     """A program's answer differed from a cold run, or a worker crashed, hung or quarantined."""
 
+    program: dict[str, Any]  # the program up to the failing operation
+
 
 # One class per kind: hypothesis tells bugs apart by exception type (and where it is raised),
 # so a mismatch and a crash found in one run are shrunk and reported separately.
@@ -569,10 +571,12 @@ class Run:
         # The operations after the last one sent cannot matter: leave them out of the literal,
         # so that it is minimal even when hypothesis ran out of time shrinking.
         ran = {**self.program, "ops": self.program["ops"][: self.sent + 1]}
-        raise FAILURES[kind](
+        exc = FAILURES[kind](
             f"at {where} {op}: {detail}\ntrace:\n  {trace}\n"
             f"the program up to the failure:\n{pprint.pformat(ran, width=100, sort_dicts=False)}"
         )
+        exc.program = ran
+        raise exc
 
     def _check(
         self,
@@ -648,6 +652,54 @@ def _summary(answer: dict[str, Any]) -> str:
     if answer.get("logs"):
         text += f" logs={answer['logs']}"
     return text
+
+
+def minimize(
+    program: dict[str, Any], kind: type[Failure], run: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """Delete operations one at a time, last first, while ``kind`` of failure remains; then
+    drop the conversations nothing uses.
+
+    Hypothesis shrinks first, but gives up after five minutes, which is only a few dozen runs
+    of a program here; this pass costs one run per operation and leaves none that is not needed.
+    """
+
+    def fails(candidate: dict[str, Any]) -> bool:
+        try:
+            run(candidate)
+        except kind:
+            return True
+        except Failure:
+            return False
+        return False
+
+    ops = list(program["ops"])
+    for i in reversed(range(len(ops))):
+        fewer = ops[:i] + ops[i + 1 :]
+        if fewer and fails({**program, "ops": fewer}):
+            ops = fewer
+    smaller = _prune_conversations({**program, "ops": ops})
+    return smaller if smaller != program and fails(smaller) else {**program, "ops": ops}
+
+
+def _prune_conversations(program: dict[str, Any]) -> dict[str, Any]:
+    """The program without conversations that no operation uses, directly or as a base."""
+    convs = program["convs"]
+    used = {op["conv"] for op in program["ops"] if "conv" in op}
+    for i in sorted(used, reverse=True):
+        todo = [i]
+        while todo:
+            spec = convs[todo.pop()]
+            if spec[0] != "new" and spec[1] not in used:
+                used.add(spec[1])
+                todo.append(spec[1])
+    new_index = {old: new for new, old in enumerate(sorted(used))}
+    kept = []
+    for old in sorted(used):
+        spec = convs[old]
+        kept.append(spec if spec[0] == "new" else (spec[0], new_index[spec[1]], *spec[2:]))
+    ops = [{**op, "conv": new_index[op["conv"]]} if "conv" in op else op for op in program["ops"]]
+    return {**program, "convs": kept, "ops": ops}
 
 
 # fixtures -----------------------------------------------------------------------------------
@@ -755,7 +807,22 @@ def test_differential_fuzz(
         note(describe(program))
         runner(program)
 
-    check()
+    try:
+        check()
+    except Exception as exc:
+        found = [exc] if isinstance(exc, Failure) else list(getattr(exc, "exceptions", []))
+        failures = [e for e in found if isinstance(e, Failure)]
+        if not failures:
+            raise
+        lines = []
+        for failure in failures:
+            smallest = minimize(failure.program, type(failure), runner)
+            lines += [
+                f"{type(failure).__name__}, minimized (each operation is needed):",
+                describe(smallest),
+                pprint.pformat(smallest, width=100, sort_dicts=False),
+            ]
+        raise AssertionError("\n".join(lines)) from exc
 
 
 # regressions the fuzz found, as plain tests ------------------------------------------------
