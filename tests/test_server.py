@@ -808,3 +808,28 @@ def test_text_completion_chunks_assemble_with_their_logprobs():
         }
     ]
     assert result.result()["object"] == "text_completion"
+
+
+def test_a_non_streamed_tool_call_is_assembled_from_its_streamed_deltas(serve):
+    served = serve()
+    client = served.client()
+    messages = ask("How many units of SKU A-1 are in stock?")
+    kwargs: dict[str, Any] = {
+        "model": MODEL_ID,
+        "messages": messages,
+        "tools": [TOOL],
+        "tool_choice": "required",
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "stock_level"
+    assert "sku" in json.loads(call.function.arguments)
+    streamed = list(client.chat.completions.create(**kwargs, stream=True))
+    pieces = [c.choices[0].delta.tool_calls for c in streamed if c.choices]
+    arguments = "".join(d[0].function.arguments or "" for d in pieces if d and d[0].function)
+    assert arguments == call.function.arguments
