@@ -2,7 +2,7 @@
 
 Start the server in one terminal (it prewarms the recipes before it listens):
 
-    .venv/bin/prefixcache serve --recipes recipes/
+    .venv/bin/prefixcache serve --recipes recipes/ --recipes-root .
 
 then run this in another:
 
