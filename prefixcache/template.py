@@ -206,7 +206,7 @@ class ChatTemplate:
         prefix = rendered[0]
         for other in rendered[1:]:
             prefix = prefix[: common_prefix_length(prefix, other)]
-        last = str(messages[-1].get("content") or "")
+        last = self._message(messages[-1]).get("content") or ""
         tail = last.strip()[-24:]
         if tail and tail not in self.detokenize(prefix):
             raise TemplateError(
