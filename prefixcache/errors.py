@@ -81,6 +81,14 @@ class UnauthenticatedSegmentError(PrefixCacheError):
         super().__init__(f"segment {key[:16]} is not authenticated: {reason}")
 
 
+class RequestError(PrefixCacheError):
+    """A chat request that is malformed; ``param`` names the field (OpenAI's ``error.param``)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        self.param = param
+        super().__init__(message)
+
+
 class SegmentRefusedError(PrefixCacheError):
     """An intact segment (its checksum holds) that llama.cpp will not load into this context.
 
@@ -137,6 +145,7 @@ __all__ = [
     "PromptTooLongError",
     "QuotaExceededError",
     "RecipeError",
+    "RequestError",
     "SegmentRefusedError",
     "StoreError",
     "StoreFullError",

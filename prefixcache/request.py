@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PrefixCacheError
+from .errors import RequestError
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 #: Request fields that are accepted and ignored: they mean nothing to a local model.
@@ -31,14 +31,6 @@ IGNORED_FIELDS = (
     "safety_identifier",
 )
 TOOL_CHOICES = ("none", "auto", "required")
-
-
-class RequestError(PrefixCacheError):
-    """A chat request that is malformed; ``param`` names the field (OpenAI's ``error.param``)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        self.param = param
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
