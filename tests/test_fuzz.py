@@ -44,8 +44,9 @@ WORKER = Path(__file__).parent / "workers" / "fuzz_worker.py"
 
 #: Programs in the default (CI) run: about 4.5 minutes on 2 cores.
 DEFAULT_RUNS = 60
-#: Operations come in runs of 1 to 4, up to 6 runs: longer programs than one flat list of
-#: hypothesis's average size, and still shrinkable by deleting whole runs or single operations.
+#: Operations come in runs of 1 to 4 on one conversation (a chat, then a pin of its head, ...),
+#: up to 6 runs: longer programs than one flat list of hypothesis's average size, and still
+#: shrinkable by deleting whole runs or single operations.
 MAX_RUNS, MAX_RUN_OPS = 6, 4
 MAX_CONVS = 4  # few, so that operations often meet the same conversation again
 REPLY_TOKENS = 16  # the length of the model's own replies that "reply" conversations carry
@@ -147,14 +148,15 @@ OP_KINDS = (
 
 
 @st.composite
-def operation(draw: st.DrawFn, n_convs: int, redis: bool) -> dict[str, Any]:
+def operation(draw: st.DrawFn, conv: int, redis: bool) -> dict[str, Any]:
+    """One operation; those that take a conversation take ``conv``."""
     kinds = OP_KINDS + (("redis_kill", "redis_start") if redis else ())
     kind = draw(st.sampled_from(kinds))
     if kind in ("redis_kill", "redis_start"):
         return {"op": kind}
     op: dict[str, Any] = {"proc": draw(st.integers(0, 1)), "op": kind}
     if kind in ("chat", "complete", "prepare", "pin"):
-        op["conv"] = draw(st.integers(0, n_convs - 1))
+        op["conv"] = conv
     if kind in ("chat", "complete", "prepare"):
         op["max_tokens"] = draw(st.sampled_from((8, 16)))
     if kind == "chat":
@@ -176,11 +178,15 @@ def operation(draw: st.DrawFn, n_convs: int, redis: bool) -> dict[str, Any]:
 
 
 @st.composite
+def run_of_operations(draw: st.DrawFn, n_convs: int, redis: bool) -> list[dict[str, Any]]:
+    conv = draw(st.integers(0, n_convs - 1))
+    return draw(st.lists(operation(conv, redis), min_size=1, max_size=MAX_RUN_OPS))
+
+
+@st.composite
 def programs(draw: st.DrawFn, redis: bool = False) -> dict[str, Any]:
     convs = draw(conversations())
-    op = operation(len(convs), redis)
-    run = st.lists(op, min_size=1, max_size=MAX_RUN_OPS)
-    runs = draw(st.lists(run, min_size=1, max_size=MAX_RUNS))
+    runs = draw(st.lists(run_of_operations(len(convs), redis), min_size=1, max_size=MAX_RUNS))
     ops = [o for run in runs for o in run]
     return {
         "quota_mb": draw(st.sampled_from(QUOTAS_MB)),
