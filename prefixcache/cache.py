@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import llama_cpp
@@ -29,6 +29,8 @@ from .errors import (
     TemplateError,
     UnauthenticatedSegmentError,
 )
+from .explain import REASONS, Divergence, Explanation, check_restore, restore_failed
+from .explain import explain as _explain
 from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
 from .lifecycle import Eviction, check_pin_quota, enforce_quota
@@ -74,6 +76,9 @@ class Stats:
     corrupt_segments: int = 0  # failed their checksum: quarantined
     refused_segments: int = 0  # intact, but not restorable here: kept, prefilled instead
     store_errors: int = 0  # store reads or writes that failed; the call went on without them
+    #: Calls whose prompt left a stored prefix, by reason (``prefixcache.explain.REASONS``;
+    #: every key present from the start, so a reader copying the dict never sees it grow).
+    partial_restores: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class Prepared:
     cached_tokens: int  # prompt tokens whose KV is in the context now (live or restored)
     restored_tokens: int  # of those, tokens loaded from the store by this call
     restore_seconds: float
+    #: Where the prompt left a stored prefix (None if it did not); see PrefixCache.explain.
+    diverged: Divergence | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -240,14 +247,34 @@ class PrefixCache:
         with self._lock:
             return self.catalog.sync(ns).index.match(tokens)
 
+    def explain(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Tools = None,
+        namespace: str | None = None,
+        **request: Any,
+    ) -> Explanation:
+        """Why this request restores what it does: how far it matches each pin and, where it
+        leaves the nearest stored prefix, the token position and the text on both sides.
+
+        Takes what :meth:`chat` takes (other request fields are accepted and ignored, so
+        ``explain(**openai_request_body)`` works). No model work: the prompt is tokenized and
+        looked up; the live KV is not touched.
+        """
+        return _explain(self, messages, tools, namespace, request)
+
     # restore --------------------------------------------------------------------------------
 
-    def _restore(self, tokens: list[int], namespace: str) -> tuple[int, int, float]:
+    def _restore(
+        self, tokens: list[int], namespace: str
+    ) -> tuple[int, int, float, Divergence | None]:
         """Make the context hold the longest available prefix of ``tokens``.
 
-        Returns ``(cached, restored, seconds)``: tokens whose KV is now live, how many of them
-        came from the store, and the time spent restoring. A store that cannot be read, or a
-        segment that cannot be used, only shortens what is restored: the rest is prefilled.
+        Returns ``(cached, restored, seconds, diverged)``: tokens whose KV is now live, how many
+        of them came from the store, the time spent restoring, and where the prompt left a stored
+        prefix (if it did). A store that cannot be read, or a segment that cannot be used, only
+        shortens what is restored: the rest is prefilled.
         """
         # Live KV left by another tenant is never reused: its speed would tell this tenant
         # what the other one just sent.
@@ -259,11 +286,15 @@ class PrefixCache:
         except _STORE_FAILURES as exc:
             self._store_failed("reading the index", exc)
             self.kv.truncate(live)
-            return live, 0, 0.0
+            return live, 0, 0.0, None
         match = known.index.match(tokens)
+        # Nothing more than two comparisons unless the prompt leaves a stored prefix.
+        diverged = check_restore(
+            known, match, tokens, lambda: self.pins(namespace), self.template.detokenize
+        )
         if match.length <= live:
             self.kv.truncate(live)
-            return live, 0, 0.0
+            return live, 0, 0.0, diverged
         t0 = time.perf_counter()
         chain = [known.segments[k] for k in match.chain]
         todo = [s for s in chain if s.end > live]
@@ -280,12 +311,14 @@ class PrefixCache:
             except _STORE_FAILURES as exc:
                 self._store_failed("recording a hit", exc)
         cached = min(match.length, self.llm.n_tokens)
+        if cached < match.length:
+            diverged = restore_failed(cached, match.length)
         self.kv.truncate(cached)
         seconds = time.perf_counter() - t0
         restored = max(0, cached - todo[0].start)
         self._stats.bytes_restored += restored_bytes
         self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
-        return cached, restored, seconds
+        return cached, restored, seconds, diverged
 
     def _load(self, known: Known, seg: Segment) -> bool:
         """Load one segment onto the live KV; False (the KV left as it was) when it cannot be.
@@ -329,7 +362,7 @@ class PrefixCache:
         """Restore the longest available prefix of ``tokens``, then give back what it takes
         for the suffix to be evaluated as a cold run would (see LlamaKV.suffix_start)."""
         self.kv.validate(tokens, extra)
-        cached, restored, seconds = self._restore(tokens, namespace)
+        cached, restored, seconds, diverged = self._restore(tokens, namespace)
         keep = self.kv.suffix_start(len(tokens), cached, generating=generating)
         if keep < cached:
             self.kv.truncate(keep)
@@ -340,7 +373,10 @@ class PrefixCache:
         # end (not the generated tokens that follow), except a last token it evaluates alone.
         alone = generating and self.kv.last_token_alone(len(tokens), cached)
         self.kv.exact = len(tokens) - 1 if alone else len(tokens)
-        return Prepared(tokens, cached, restored, seconds)
+        if diverged is not None and generating:  # a pin's own restore is no request's miss
+            counts = self._stats.partial_restores
+            counts[diverged.kind] = counts.get(diverged.kind, 0) + 1
+        return Prepared(tokens, cached, restored, seconds, diverged)
 
     def prepare(
         self, messages: Sequence[Message], *, tools: Tools = None, namespace: str | None = None

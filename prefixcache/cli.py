@@ -1,8 +1,9 @@
 """The ``prefixcache`` command: a thin typer + rich layer over the library.
 
 Every command maps onto one library call (prewarm → ``prewarm.prewarm``, status/tree/verify/rm →
-``status``, chat → ``PrefixCache.chat``, serve → ``server.serve``). Errors print as one red line
-and exit with status 1; ``--verbose`` adds llama.cpp's logs and tracebacks.
+``status``, chat → ``PrefixCache.chat``, explain → ``PrefixCache.explain``, serve →
+``server.serve``). Errors print as one red line and exit with status 1; ``--verbose`` adds
+llama.cpp's logs and tracebacks.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from . import config
 from . import status as store_status
 from .cache import Calibration, PrefixCache
 from .errors import ConfigError, PrefixCacheError
+from .explain import Explanation
 from .lifecycle import enforce_quota
 from .prewarm import PrewarmResult, context_size, group_by_model, prewarm
 from .recipes import Recipe, load_recipe, load_recipes, parse_duration
@@ -606,6 +608,111 @@ def _chat_turn(
         f"first token {ttft:.2f}s · {usage.get('completion_tokens', 0)} generated[/]"
     )
     return "".join(parts)
+
+
+@app.command("explain")
+@_handles_errors
+def explain_cmd(
+    ctx: typer.Context,
+    recipe_spec: Annotated[
+        str | None,
+        typer.Argument(metavar="[RECIPE]", help="Recipe file or name: its messages and tools."),
+    ] = None,
+    messages: Annotated[
+        list[str] | None,
+        typer.Option("--message", "-m", help="A user message after the recipe's (repeatable)."),
+    ] = None,
+    request_file: Annotated[
+        str | None,
+        typer.Option(
+            "--request",
+            help="An OpenAI chat request (JSON: messages, tools) from this file, or - for stdin.",
+        ),
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option(help="The namespace to look in (a server tenant's).")
+    ] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Why a request restores what it does: how far each pin matches, and where and why it
+    leaves the nearest stored prefix. Reads the store only (no prefill, nothing written)."""
+    opts = _options(ctx)
+    recipe = _find_recipe(recipe_spec) if recipe_spec else None
+    if recipe is None and request_file is None:
+        raise ConfigError("give a recipe, or a request with --request FILE (- for stdin)")
+    if recipe is not None and request_file is not None:
+        raise ConfigError("give a recipe or --request, not both")
+    body: dict[str, Any] = {}
+    if recipe is not None:
+        body = {"messages": list(recipe.messages), "tools": list(recipe.tools) or None}
+    else:
+        body = _read_request(request_file or "-")
+    body["messages"] = [
+        *body.get("messages", []),
+        *({"role": "user", "content": m} for m in messages or []),
+    ]
+    model = next(iter(group_by_model([recipe] if recipe else [], opts.model)), None)
+    model = model or config.resolve_model(opts.model)
+    n_ctx = context_size([recipe] if recipe else [], opts.n_ctx)
+    with _cache(opts, model, n_ctx, autosave=False) as cache:
+        explanation = cache.explain(**{**body, "namespace": namespace})
+    if as_json:
+        console.print_json(json.dumps(explanation.to_dict()))
+        return
+    _print_explanation(explanation)
+
+
+def _read_request(source: str) -> dict[str, Any]:
+    """An OpenAI chat request body from a file or stdin ("-")."""
+    try:
+        text = typer.get_text_stream("stdin").read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the request {source}: {exc}") from exc
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"the request {source} is not JSON: {exc}") from exc
+    if not isinstance(body, dict) or "messages" not in body:
+        raise ConfigError(f"the request {source} is not a chat request (no messages)")
+    return body
+
+
+def _shown(text: str) -> Text:
+    """Decoded prompt text with its newlines and tabs visible, never read as rich markup."""
+    return Text(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t"))
+
+
+def _print_explanation(e: Explanation) -> None:
+    """The reason line, the divergence (position and text on both sides), then the pins."""
+    console.print(Text(e.reason), soft_wrap=True)
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("prompt tokens", str(e.prompt_tokens))
+    table.add_row("stored", f"{e.matched_tokens} ({e.kind})")
+    d = e.divergence
+    if d is not None:
+        left = f"pin {d.pin}" if d.pin is not None else "a stored prefix (not pinned)"
+        table.add_row("leaves", f"{left} at token {d.at} of {d.of}")
+        table.add_row(
+            "stored text",
+            Text.assemble(_shown(e.before), ("⟩", "bold"), _shown(e.stored_after), style="green"),
+        )
+        table.add_row(
+            "request text",
+            Text.assemble(_shown(e.before), ("⟩", "bold"), _shown(e.request_after), style="red"),
+        )
+    console.print(table)
+    if e.pins:
+        pins = Table(title="pins, nearest first")
+        pins.add_column("pin", no_wrap=True)
+        pins.add_column("tokens", justify="right")
+        pins.add_column("matched", justify="right")
+        pins.add_column("")
+        for p in e.pins:
+            state = "whole" if p.whole else f"differs from token {p.matched}"
+            pins.add_row(p.name, str(p.n_tokens), str(p.matched), state)
+        console.print(pins)
 
 
 @app.command("serve")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llama_cpp.llama_grammar import LlamaGrammar
@@ -30,6 +31,35 @@ if TYPE_CHECKING:
 #: ``start()`` of a call: the prompt's tokens, and the function that runs the llama-cpp-python
 #: call with the keyword arguments.
 Start = Callable[[], tuple[list[int], Callable[..., Any]]]
+
+
+@dataclass
+class _Restore:
+    prepared: Prepared | None = None
+
+
+class CallStream(Stream):
+    """The chunks of a streaming call, and how its prompt was restored.
+
+    ``prepared`` (cached tokens, and where the prompt left a stored prefix) is set before the
+    first chunk is handed over, so a reader that has a chunk may read it (the server's
+    ``x-prefixcache-diverged`` header); None before then, or when the call failed first.
+    """
+
+    def __init__(
+        self,
+        body: Callable[[threading.Event], Iterator[dict[str, Any]]],
+        lock: threading.RLock,
+        restore: _Restore,
+    ):
+        # The producer writes to ``restore``, never to the stream: a dropped stream stays
+        # collectable (see Stream).
+        self._restore = restore
+        super().__init__(body, lock)
+
+    @property
+    def prepared(self) -> Prepared | None:
+        return self._restore.prepared
 
 
 def grammar_for(call: ChatCall, parser: ToolParser) -> str | None:
@@ -132,13 +162,14 @@ def generate(
     stream_options = kwargs.pop("stream_options", None) or {}
     if stream:
         include_usage = bool(stream_options.get("include_usage"))
+        restore = _Restore()
 
         def body(cancel: threading.Event) -> Iterator[dict[str, Any]]:
             return _stream_chunks(
-                cache, start, chunk_object, ns, save, kwargs, include_usage, cancel, parser
+                cache, start, chunk_object, ns, save, kwargs, include_usage, cancel, parser, restore
             )
 
-        return Stream(body, cache._lock)
+        return CallStream(body, cache._lock, restore)
     with cache._lock:
         tokens, call = start()
         prepared = _prepare_call(cache, tokens, ns, kwargs)
@@ -187,10 +218,11 @@ def _stream_chunks(
     include_usage: bool,
     cancel: threading.Event,
     parser: ToolParser | None,
+    restore: _Restore,
 ) -> Iterator[dict[str, Any]]:
     """The body of a streaming call; runs under the model lock on the Stream's thread."""
     tokens, call = start()
-    prepared = _prepare_call(cache, tokens, ns, kwargs)
+    prepared = restore.prepared = _prepare_call(cache, tokens, ns, kwargs)
     t0 = time.perf_counter()
     n_chunks = 0
     last: dict[str, Any] = {}
@@ -229,4 +261,4 @@ def _stream_chunks(
         }
 
 
-__all__ = ["chat", "complete", "generate", "grammar_for"]
+__all__ = ["CallStream", "chat", "complete", "generate", "grammar_for"]

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,11 +29,29 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..explain import DIVERGED_IN_PIN
 from .core import DEFAULT_MAX_TOKENS_CAP, DEFAULT_WATCH_INTERVAL, Server, ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, api_error
 from .worker import ClientGone, ModelWorker, capped, collect_call, stream_call
 
 log = logging.getLogger(__name__)
+
+#: Set on a generation response whose prompt left a pinned prefix before its end
+#: (``pin=NAME; at=TOKEN; of=PIN_TOKENS``): see docs/server.md, "Why did my request miss?".
+DIVERGED_HEADER = "x-prefixcache-diverged"
+
+
+def _diverged(calls: Sequence[Any]) -> dict[str, str]:
+    """The :data:`DIVERGED_HEADER` of the call that ran (the last ``start`` made), if any.
+
+    Read once the call's first chunk is out: its restore is done by then.
+    """
+    prepared = getattr(calls[-1], "prepared", None) if calls else None
+    diverged = getattr(prepared, "diverged", None)
+    if diverged is None or diverged.kind != DIVERGED_IN_PIN:
+        return {}
+    # A pin is named by its recipe; quoted, so that any name makes a valid header.
+    return {DIVERGED_HEADER: urllib.parse.quote(diverged.header(), safe=" =;-_.~:/@+")}
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -92,6 +111,16 @@ class _Collector:
                 if key in st:
                     family.add_metric([model], float(st[key]))
             yield family
+        partial = CounterMetricFamily(
+            "prefixcache_partial_restores",
+            "Calls whose prompt left a stored prefix, by reason (diverged_in_pin: before a pin's "
+            "end; diverged: an unpinned one; no_match; restore_failed)",
+            labels=["model", "reason"],
+        )
+        for model, st in stats.items():
+            for reason, n in sorted(st.get("partial_restores", {}).items()):
+                partial.add_metric([model, reason], float(n))
+        yield partial
         store = GaugeMetricFamily(
             "prefixcache_store_bytes", "KV bytes in the store", labels=["model"]
         )
@@ -271,25 +300,30 @@ def create_app(server: Server) -> FastAPI:
         name = model or worker.id
         cap = server.config.max_tokens_cap
         gone = request.is_disconnected if request is not None else None
+        made: list[Any] = []  # what each start made (a retry without max_tokens makes two)
+
+        def traced(**kw: Any) -> Any:
+            made.append(call(stream=True, **kw))
+            return made[-1]
+
         try:
             if not stream and kwargs.get("echo"):
                 kwargs.pop("stream_options", None)
                 result = await asyncio.wrap_future(worker.submit(capped(call, kwargs, cap)))
             elif not stream:
                 kwargs["stream_options"] = {"include_usage": True}
-                start = capped(lambda **kw: call(stream=True, **kw), kwargs, cap)
-                result = await collect_call(worker, start, disconnected=gone)
+                result = await collect_call(worker, capped(traced, kwargs, cap), disconnected=gone)
             else:
-                start = capped(lambda **kw: call(stream=True, **kw), kwargs, cap)
-                chunks = await stream_call(worker, start, disconnected=gone)
+                chunks = await stream_call(worker, capped(traced, kwargs, cap), disconnected=gone)
         except ClientGone:
             log.info("client went away before its reply: generation stopped")
             return Response(status_code=499)
         except Exception as exc:
             raise api_error(exc) from exc
+        headers = _diverged(made)
         if not stream:
             result["model"] = name
-            return JSONResponse(result)
+            return JSONResponse(result, headers=headers)
 
         async def renamed() -> AsyncIterator[dict[str, Any]]:
             async for chunk in chunks:
@@ -299,7 +333,7 @@ def create_app(server: Server) -> FastAPI:
         return StreamingResponse(
             _sse(renamed()),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -389,4 +423,4 @@ def serve(
     )
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["DIVERGED_HEADER", "create_app", "serve"]
