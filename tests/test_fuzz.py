@@ -164,7 +164,8 @@ def operation(draw: st.DrawFn, conv: int, redis: bool) -> dict[str, Any]:
     elif kind == "complete":
         op["rendered"] = draw(st.booleans())  # the chat's own text (shares its tokens) or raw
     elif kind == "pin":
-        op["messages"] = draw(st.integers(1, 8))  # the first N messages (at most all)
+        # The first N messages: the head (the system prompt), all of them, or some.
+        op["messages"] = draw(st.just(1) | st.just(8) | st.integers(2, 7))
     if kind in ("pin", "unpin", "rm"):
         op["name"] = draw(st.sampled_from(PIN_NAMES))
     if kind == "reopen":
