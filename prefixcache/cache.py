@@ -29,7 +29,7 @@ from .errors import (
     TemplateError,
     UnauthenticatedSegmentError,
 )
-from .explain import REASONS, Divergence, Explanation, check_restore, restore_failed
+from .explain import REASONS, Divergence, Explanation, PinReader, check_restore, restore_failed
 from .explain import explain as _explain
 from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
@@ -176,6 +176,7 @@ class PrefixCache:
         except StoreError as exc:  # a full or read-only store still serves restores
             self._store_failed("recording the fingerprint", exc)
         self.catalog = Catalog(self.store, self.fingerprint, key_id)
+        self._pin_reader = PinReader(self.store)  # for explaining partial restores
         self._owns_llm = False
         self._closed = False
         cal = self.store.get_doc(_CALIBRATION_DOC + self.fingerprint.digest) or {}
@@ -290,7 +291,11 @@ class PrefixCache:
         match = known.index.match(tokens)
         # Nothing more than two comparisons unless the prompt leaves a stored prefix.
         diverged = check_restore(
-            known, match, tokens, lambda: self.pins(namespace), self.template.detokenize
+            known,
+            match,
+            tokens,
+            lambda: self._pin_reader(self.root(namespace)),
+            self.template.detokenize,
         )
         if match.length <= live:
             self.kv.truncate(live)
@@ -565,12 +570,15 @@ class PrefixCache:
                     digest=digest,
                 )
             )
+            self._pin_reader.clear()
             self._after_store(protect=[last])
             return PinInfo(name, last, len(tokens), len(todo), len(new_keys), new_bytes)
 
     def unpin(self, name: str, *, namespace: str | None = None) -> bool:
         """Drop a pin; its segments become ordinary LRU entries. False if there was none."""
-        return self.store.delete_pin(self.root(namespace), name)
+        found = self.store.delete_pin(self.root(namespace), name)
+        self._pin_reader.clear()
+        return found
 
     def pins(self, namespace: str | None = None) -> list[Pin]:
         root = self.root(namespace)

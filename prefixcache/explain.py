@@ -29,6 +29,7 @@ from .errors import StoreError
 from .radix import Match, RadixIndex, as_tokens, common_prefix_length
 from .request import normalise_chat
 from .segment import Pin
+from .store import Store
 
 if TYPE_CHECKING:
     from .cache import PrefixCache
@@ -60,6 +61,9 @@ WINDOW_CHARS = 40
 _WINDOW_TOKENS = 48
 
 Detokenize = Callable[[Sequence[int]], str]
+
+#: Seconds a list of pins read for a call may serve later calls while other writes go on.
+PINS_MAX_AGE = 2.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,36 @@ class Explanation:
         out["reason"] = self.reason
         out["diverged_at"] = self.diverged_at
         return out
+
+
+class PinReader:
+    """The pins of one store for :func:`check_restore`, read again only when they may have changed.
+
+    A disk store lists its pins by walking all its keys (75 ms at 10,000 segments), and in a busy
+    store the generation moves on every call, so a list read for one call serves the next ones
+    for :data:`PINS_MAX_AGE` seconds, or as long as the store does not change; :meth:`clear`
+    (this process pinned or unpinned) makes the next call read them again. A pin made by another
+    process is thus seen at most that long after.
+    """
+
+    def __init__(self, store: Store, max_age: float = PINS_MAX_AGE):
+        self.store = store
+        self.max_age = max_age
+        self._pins: list[Pin] | None = None
+        self._generation = -1
+        self._read_at = 0.0
+
+    def __call__(self, root: str) -> list[Pin]:
+        generation = self.store.generation()
+        now = time.monotonic()
+        stale = generation != self._generation and now - self._read_at > self.max_age
+        if self._pins is None or stale:
+            self._pins = self.store.pins()
+            self._generation, self._read_at = generation, now
+        return [p for p in self._pins if p.root == root]
+
+    def clear(self) -> None:
+        self._pins = None
 
 
 # --- the pure part: a radix index, pins and tokens in, a divergence out -----------------------
@@ -376,6 +410,7 @@ __all__ = [
     "Divergence",
     "Explanation",
     "PinMatch",
+    "PinReader",
     "check_restore",
     "diagnose",
     "explain",

@@ -25,7 +25,7 @@ from conftest import SYSTEM
 from test_cli import run  # noqa: F401  (fixture)
 from test_server import MODEL_ID, TOOL, recipes, serve  # noqa: F401  (fixtures)
 
-from prefixcache import Pin, PrefixCache
+from prefixcache import DiskStore, Pin, PrefixCache
 from prefixcache.catalog import Known
 from prefixcache.explain import (
     DIVERGED,
@@ -34,6 +34,7 @@ from prefixcache.explain import (
     EXTENDS,
     FULL,
     NO_MATCH,
+    PinReader,
     diagnose,
     explain_tokens,
 )
@@ -118,6 +119,23 @@ def test_an_expired_pin_is_no_pin_and_an_empty_namespace_is_empty() -> None:
     assert "nothing is stored" in str(explain_tokens(known(), tokens, PINS, str))
 
 
+def test_pins_are_read_again_after_a_pin_here_or_a_while_after_one_elsewhere(
+    tmp_path: Path,
+) -> None:
+    store = DiskStore(tmp_path / "store")
+    reader = PinReader(store, max_age=3600)
+    assert reader("r") == []
+    store.set_pin(pin("elsewhere", "k1", 10))  # another process: the store's generation moves
+    assert reader("r") == []  # within max_age: the list read before still serves
+    reader.clear()  # this process pinned
+    assert [p.name for p in reader("r")] == ["elsewhere"]
+    assert reader("another root") == []
+    store.set_pin(pin("later", "k2", 10))
+    reader.max_age = 0.0  # a while later
+    assert {p.name for p in reader("r")} == {"elsewhere", "later"}
+    store.close()
+
+
 # --- on the real model ------------------------------------------------------------------------
 
 
@@ -125,6 +143,7 @@ def test_explain_names_the_pin_the_position_and_the_text_of_a_strict_tool_schema
     open_cache: Callable[..., PrefixCache], caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = open_cache()
+    cache._pin_reader.max_age = 3600  # pins read for a call are read again after a pin here
     pinned = cache.pin([SYSTEM], "shop", tools=[TOOL])
     request = [SYSTEM, QUESTION]
     asked = cache.template.tokens(request, [STRICT])
@@ -173,6 +192,15 @@ def test_explain_names_the_pin_the_position_and_the_text_of_a_strict_tool_schema
     cache.chat(request, tools=[TOOL], max_tokens=2, autosave=False)  # a hit: nothing to say
     assert not [r for r in caplog.records if r.name == "prefixcache.explain"]
     assert cache.stats()["partial_restores"][DIVERGED_IN_PIN] == 1
+    # Unpinned, the same prefix is an ordinary stored one: the next call knows at once.
+    cache.unpin("shop")
+    cache.chat(request, tools=[STRICT], max_tokens=2, autosave=False)
+    assert cache.stats()["partial_restores"] == {
+        DIVERGED_IN_PIN: 1,
+        DIVERGED: 1,
+        NO_MATCH: 0,
+        "restore_failed": 0,
+    }
 
 
 def test_a_recipe_written_as_the_framework_sends_its_tools_matches_whole(
