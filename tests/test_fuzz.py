@@ -72,6 +72,8 @@ WORDS = (  # noqa: SIM905 (one word list, readable)
 
 
 # text ---------------------------------------------------------------------------------------
+# The regression tests at the end name conversations by these seeds: a change to the texts
+# changes them too (check that each still fails on the code from before its fix).
 
 
 def words(seed: int, n: int) -> str:
@@ -80,13 +82,14 @@ def words(seed: int, n: int) -> str:
 
 
 def head_text(seed: int) -> str:
-    """A system prompt of 40 to 110 words (about 70 to 170 tokens), the same for one seed.
+    """A system prompt of 60 to 119 words (about 95 to 180 tokens), the same for one seed.
 
     Short, because prefill is what the fuzz spends its time on (about 150 tokens a second on one
-    core), and each shrinking step runs the program again.
+    core), and each shrinking step runs the program again; but longer than the 64 tokens below
+    which the cache duplicates a shared head instead of splitting it out of a longer segment.
     """
     return f"You are the assistant of shop number {seed}. Stock list: " + words(
-        1000 + seed, 40 + (seed * 37) % 70
+        1000 + seed, 60 + (seed * 37) % 60
     )
 
 
