@@ -34,6 +34,7 @@ from prefixcache.explain import (
     EXTENDS,
     FULL,
     NO_MATCH,
+    RESTORE_FAILED,
     PinReader,
     diagnose,
     explain_tokens,
@@ -199,7 +200,7 @@ def test_explain_names_the_pin_the_position_and_the_text_of_a_strict_tool_schema
         DIVERGED_IN_PIN: 1,
         DIVERGED: 1,
         NO_MATCH: 0,
-        "restore_failed": 0,
+        RESTORE_FAILED: 0,
     }
 
 
@@ -212,6 +213,24 @@ def test_a_recipe_written_as_the_framework_sends_its_tools_matches_whole(
     assert e.kind == EXTENDS and e.pins[0].whole and e.divergence is None
     reply = cache.chat([SYSTEM, QUESTION], tools=[STRICT], max_tokens=2)
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= e.pins[0].n_tokens
+
+
+def test_a_segment_that_cannot_be_restored_is_a_restore_failure(
+    open_cache: Callable[..., PrefixCache], store: Path
+) -> None:
+    open_cache().pin([SYSTEM], "shop", tools=[TOOL])
+    (path,) = [p for p in store.rglob("*.val") if p.stat().st_size > 100_000]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cache = open_cache()
+    stream = cache.chat([SYSTEM, QUESTION], tools=[TOOL], max_tokens=2, stream=True)
+    next(stream)
+    stream.close()
+    assert stream.prepared is not None and stream.prepared.diverged is not None
+    assert stream.prepared.diverged.kind == RESTORE_FAILED
+    assert stream.prepared.diverged.at == 0 < stream.prepared.diverged.of
+    assert cache.stats()["partial_restores"][RESTORE_FAILED] == 1
 
 
 # --- the server and the CLI ---------------------------------------------------------------------
