@@ -22,6 +22,7 @@ from .errors import (
     UnauthenticatedSegmentError,
     UnsupportedModelError,
 )
+from .explain import Explanation
 from .fingerprint import Fingerprint
 from .radix import Match, RadixIndex
 from .segment import Pin, Segment
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "CorruptSegmentError",
     "DiskStore",
+    "Explanation",
     "Fingerprint",
     "IncompatibleStateError",
     "Match",
