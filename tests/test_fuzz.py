@@ -55,9 +55,9 @@ QUOTAS_MB = (None, 4.0, 12.0, 60.0)  # 64 tokens of SmolLM2 KV are 1.5 MB; a hea
 #: Segment lengths: short ones chain several segments per conversation; the default (1024)
 #: stores a conversation as one segment, so shared heads are split out of longer segments.
 SEGMENT_TOKENS = (64, 160, 1024)
-#: Context sizes: in 512 tokens the longest conversations come near the end of the context
+#: Context sizes: in 512 and 256 tokens conversations come near the end of the context
 #: (restores into a nearly full KV cache, prompts that do not fit with their max_tokens).
-CONTEXTS = (N_CTX, 512)
+CONTEXTS = (N_CTX, 512, 256)
 #: What an operation may refuse without it being a failure.
 ALLOWED_ERRORS = {"pin": {"QuotaExceededError"}}
 ANSWER_TIMEOUT_S = 180.0
