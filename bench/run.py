@@ -42,11 +42,13 @@ from _common import (
     prefix_messages,
 )
 from llama_cpp.llama_cache import LlamaRAMCache
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from prefixcache import PrefixCache
 from prefixcache.radix import RadixIndex, common_prefix_length
 from prefixcache.segment import Segment, segment_key
 from prefixcache.template import ChatTemplate
+from prefixcache.tools import call_grammar, parse_completion, parser_for_template
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_worker.py"
@@ -258,69 +260,104 @@ def _agent_module() -> Any:
     return module
 
 
-def _agent_turns(n: int) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+def _agent_questions(n: int) -> list[str]:
+    """The example's questions, then again with a ticket number (each turn's text differs)."""
     base = _agent_module().QUESTIONS
-    out = []
-    for i in range(n):
-        question, tool, arguments, result = base[i % len(base)]
-        out.append((f"{question} (ticket {100 + i})", tool, arguments, result))
-    return out
+    return [base[i] if i < len(base) else f"{base[i % len(base)]} (ticket {i})" for i in range(n)]
+
+
+def _reply_key(message: dict[str, Any]) -> tuple[str | None, list[tuple[str, str]]]:
+    """What a reply says: its text and its calls (the ids are random, so not compared)."""
+    calls = [
+        (c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []
+    ]
+    return message.get("content"), calls
+
+
+class _LlamaChat:
+    """llama-cpp-python's own chat call, made as prefixcache makes it: the same rendering (tools
+    folded into the prompt for SmolLM2), the same grammar for a required call, the same parsing of
+    the reply into tool_calls. ``method`` "cold" resets the model before every request; "ram"
+    gives it a LlamaRAMCache. Each request's time, prompt and prefilled tokens go to ``rows``."""
+
+    def __init__(self, method: str, tools: list[dict[str, Any]], max_tokens: int) -> None:
+        self.llm = load_llm()
+        if method == "ram":
+            self.llm.set_cache(LlamaRAMCache())
+        self.cold = method == "cold"
+        self.template = ChatTemplate(self.llm)
+        self.parser = parser_for_template(self.template.source, self.template.native_tools)
+        self.tools, self.max_tokens = tools, max_tokens
+        self.evals = count_evals(self.llm)
+        self.rows: list[dict[str, Any]] = []
+
+    def __call__(self, messages: list[dict[str, Any]], tool_choice: str) -> dict[str, Any]:
+        msgs, tool_arg = self.template.messages_for(messages, self.tools)
+        grammar = None
+        if tool_choice == "required":
+            gbnf = call_grammar(self.parser, self.tools, parallel=False)
+            grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+        if self.cold:
+            self.llm.reset()
+        wait_quiet(10)
+        self.evals.clear()
+        t = time.perf_counter()
+        res = self.llm.create_chat_completion(
+            messages=msgs,  # type: ignore[arg-type]
+            tools=tool_arg,  # type: ignore[arg-type]
+            grammar=grammar,
+            max_tokens=self.max_tokens,
+            temperature=0,
+        )
+        seconds = time.perf_counter() - t
+        if tool_choice != "none":
+            res = parse_completion(res, self.parser)  # type: ignore[arg-type]
+        self.rows.append(
+            {
+                "tool_choice": tool_choice,
+                "seconds": seconds,
+                "prompt": res["usage"]["prompt_tokens"],
+                "prefill": self.evals[0] if self.evals else 0,
+                "reply": _reply_key(res["choices"][0]["message"]),
+            }
+        )
+        return res  # type: ignore[return-value]
 
 
 def scenario_agent(plan: Plan, tmp: Path) -> dict[str, Any]:
-    """20 turns of a tool-using conversation on one pinned prefix (examples/agent_loop.py)."""
+    """An agent loop whose tool calls the model makes (examples/agent_loop.py): each turn, a call
+    forced with tool_choice="required" (a grammar), the tool runs, then "auto" and a last "none"
+    step until the model answers. The cold run makes the transcript (its calls run, its replies
+    go into the history); LlamaRAMCache and prefixcache answer the same requests, and each of
+    their replies is compared with the cold one."""
     agent = _agent_module()
-    tools, turns = agent.TOOLS, _agent_turns(plan.agent_turns)
+    tools, questions = agent.TOOLS, _agent_questions(plan.agent_turns)
     system = [{"role": "system", "content": agent.SYSTEM}]
-    max_tokens = 24
-
-    def history(i: int, replies: list[str]) -> list[dict[str, Any]]:
-        msgs: list[dict[str, Any]] = list(system)
-        for j, (question, tool, arguments, result) in enumerate(turns[: i + 1]):
-            msgs.append({"role": "user", "content": question})
-            msgs.append(
-                {"role": "assistant", "content": json.dumps({"name": tool, "arguments": arguments})}
-            )
-            msgs.append({"role": "tool", "content": json.dumps(result), "tool_call_id": tool})
-            if j < i:
-                msgs.append({"role": "assistant", "content": replies[j]})
-        return msgs
 
     out: dict[str, Any] = {}
-    # Every method sees the cold run's replies in its history, so all prompts are identical.
-    replies: list[str] = []
+    # The cold run makes the transcript: every request's messages and tool_choice, its reply.
+    requests: list[tuple[int, str, list[dict[str, Any]]]] = []
+    cold_replies: list[Any] = []
     for method in ("cold", "ram"):
         wait_quiet()
-        llm = load_llm()
-        if method == "ram":
-            llm.set_cache(LlamaRAMCache())
-        template = ChatTemplate(llm)
-        calls = count_evals(llm)
-        rows = []
-        for i in range(len(turns)):
-            msgs, tool_arg = template.messages_for(history(i, replies), tools)
-            if method == "cold":
-                llm.reset()
-            wait_quiet(10)
-            calls.clear()
-            t = time.perf_counter()
-            res = llm.create_chat_completion(
-                messages=msgs, tools=tool_arg, max_tokens=max_tokens, temperature=0
-            )
-            seconds = time.perf_counter() - t
-            text = res["choices"][0]["message"]["content"] or ""
-            if method == "cold":
-                replies.append(text)
-            rows.append(
-                {
-                    "seconds": seconds,
-                    "prompt": res["usage"]["prompt_tokens"],
-                    "prefill": calls[0] if calls else 0,
-                    "same": text == replies[i],
-                }
-            )
-        out[method] = rows
-        del llm
+        chat = _LlamaChat(method, tools, agent.MAX_TOKENS)
+        if method == "cold":
+            messages: list[dict[str, Any]] = list(system)
+            for turn, question in enumerate(questions, 1):
+                messages.append({"role": "user", "content": question})
+                # agent_turn appends each reply (and the tool results) after yielding it, so
+                # at the yield, messages are the request's prompt.
+                for choice, _ in agent.agent_turn(chat, messages):
+                    requests.append((turn, choice, list(messages)))
+            cold_replies = [row["reply"] for row in chat.rows]
+        else:
+            for _, choice, msgs in requests:
+                chat(msgs, tool_choice=choice)
+        for row, (turn, _, _), cold in zip(chat.rows, requests, cold_replies, strict=True):
+            row["turn"] = turn
+            row["same"] = row["reply"] == cold
+        out[method] = chat.rows
+        chat.llm.close()
     store = tmp / "agent-store"
     wait_quiet()
     cache = PrefixCache.open(store=store, n_ctx=N_CTX)
@@ -328,29 +365,46 @@ def scenario_agent(plan: Plan, tmp: Path) -> dict[str, Any]:
     pin = cache.pin(system, name="agent", tools=tools)
     out["pin_s"] = time.perf_counter() - t
     out["pin_tokens"] = pin.n_tokens
-    rows = []
-    for i in range(len(turns)):
+    rows, growth = [], []
+    for i, (turn, choice, msgs) in enumerate(requests):
         wait_quiet(10)
         t = time.perf_counter()
-        res = cache.chat(history(i, replies), tools=tools, max_tokens=max_tokens, temperature=0)
+        res = cache.chat(
+            msgs,
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            max_tokens=agent.MAX_TOKENS,
+            temperature=0,
+        )
         seconds = time.perf_counter() - t
         usage = res["usage"]
-        segs = list(cache.store.segments())
-        allocated, apparent = dir_bytes(store)
         rows.append(
             {
+                "turn": turn,
+                "tool_choice": choice,
                 "seconds": seconds,
                 "prompt": usage["prompt_tokens"],
                 "prefill": usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"],
-                "same": (res["choices"][0]["message"]["content"] or "") == replies[i],
-                "segments": len(segs),
-                "unique_tokens": sum(len(s.tokens) for s in segs),
-                "store_bytes": cache.store.total_bytes(),
-                "du_bytes": allocated,
-                "apparent_bytes": apparent,
+                "same": _reply_key(res["choices"][0]["message"]) == cold_replies[i],
+                "reply": _reply_key(res["choices"][0]["message"]),
             }
         )
+        if i + 1 == len(requests) or requests[i + 1][0] != turn:  # the turn's last request
+            segs = list(cache.store.segments())
+            allocated, apparent = dir_bytes(store)
+            growth.append(
+                {
+                    "turn": turn,
+                    "segments": len(segs),
+                    "unique_tokens": sum(len(s.tokens) for s in segs),
+                    "store_bytes": cache.store.total_bytes(),
+                    "du_bytes": allocated,
+                    "apparent_bytes": apparent,
+                }
+            )
     out["pc"] = rows
+    out["growth"] = growth
     out["raw_bpt"] = kv_tensor_bytes_per_token(cache.llm)
     cache.close()
     return out
@@ -818,12 +872,18 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
     )
 
     ag = res["agent"]
-    md.append(f"\n## 4. Agent loop: {len(ag['pc'])} tool-using turns on one pinned prefix\n")
+    # results.json from before model-made calls: one request per turn, growth in the pc rows.
+    growth = ag.get("growth", ag["pc"])
+    n_turns = len(growth)
+    md.append(f"\n## 4. Agent loop: {n_turns} tool-using turns on one pinned prefix\n")
     md.append(
         f"Pinned prefix: {ag['pin_tokens']} tokens (system + tool schemas), pinned in "
-        f"{ms(ag['pin_s'])} before turn 1 (not in the totals). All methods see the cold run's "
-        "replies in their history, so every prompt is identical; 'same' counts turns whose reply "
-        "equals the cold reply.\n"
+        f"{ms(ag['pin_s'])} before turn 1 (not in the totals). The model makes the tool calls "
+        "(examples/agent_loop.py): each turn is a user question, then a call forced with "
+        'tool_choice="required" (a grammar), the tool\'s result, and "auto" then "none" steps '
+        "until the model answers. The cold run makes the transcript (its calls run and its "
+        "replies go into the history), so every method gets identical prompts; 'same' counts "
+        "requests whose reply (text and calls) equals the cold reply.\n"
     )
     rows = []
     for m, label in (("cold", "cold"), ("ram", "LlamaRAMCache"), ("pc", "prefixcache")):
@@ -831,22 +891,58 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
         rows.append(
             [
                 label,
+                len(tr),
                 sum(t["prompt"] for t in tr),
                 sum(t["prefill"] for t in tr),
                 f"{sum(t['seconds'] for t in tr):.1f} s",
-                f"{sum(t['same'] for t in tr)}/{len(tr)}",
+                f"{sum(t.get('same', True) for t in tr)}/{len(tr)}",
             ]
         )
-    md.append(table(["method", "prompt tokens", "prefilled tokens", "total time", "same"], rows))
+    md.append(
+        table(
+            ["method", "requests", "prompt tokens", "prefilled tokens", "total time", "same"],
+            rows,
+        )
+    )
+    if all("turn" in t for m in ("cold", "ram", "pc") for t in ag[m]):
+        md.append("\nPer turn: prompt tokens (all requests of the turn) vs prefilled, and time:\n")
+        rows = []
+        for turn in range(1, n_turns + 1):
+            per = {m: [t for t in ag[m] if t["turn"] == turn] for m in ("cold", "ram", "pc")}
+            rows.append(
+                [
+                    turn,
+                    " → ".join(t["tool_choice"] for t in per["cold"]),
+                    sum(t["prompt"] for t in per["cold"]),
+                    *(sum(t["prefill"] for t in per[m]) for m in ("cold", "ram", "pc")),
+                    *(f"{sum(t['seconds'] for t in per[m]):.2f} s" for m in ("cold", "ram", "pc")),
+                    "✓" if all(t["same"] for m in ("ram", "pc") for t in per[m]) else "✗",
+                ]
+            )
+        md.append(
+            table(
+                [
+                    "turn",
+                    "requests (tool_choice)",
+                    "prompt",
+                    "prefilled cold",
+                    "prefilled RAM",
+                    "prefilled pc",
+                    "time cold",
+                    "time RAM",
+                    "time pc",
+                    "same",
+                ],
+                rows,
+            )
+        )
     raw_bpt = ag["raw_bpt"]
     md.append(f"\nStore growth per turn (raw K+V tensor bytes per token: {raw_bpt:,}):\n")
     rows = []
-    for i, t in enumerate(ag["pc"], 1):
+    for i, t in enumerate(growth, 1):
         rows.append(
             [
                 i,
-                t["prompt"],
-                t["prefill"],
                 t["segments"],
                 t["unique_tokens"],
                 f"{t['store_bytes']:,}",
@@ -859,8 +955,6 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
         table(
             [
                 "turn",
-                "prompt",
-                "prefilled",
                 "segments",
                 "unique tokens",
                 "store bytes",
@@ -871,10 +965,10 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
             rows,
         )
     )
-    xs = [t["unique_tokens"] for t in ag["pc"]]
+    xs = [t["unique_tokens"] for t in growth]
     fits = {}
     for key in ("store_bytes", "du_bytes"):
-        ys = [t[key] for t in ag["pc"]]
+        ys = [t[key] for t in growth]
         fits[key] = _fit(xs, ys)
     md.append(
         "\nLinear fit bytes = a·unique_tokens + b: store accounting a = "
