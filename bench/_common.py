@@ -28,7 +28,7 @@ SOURCES = [
     "prefixcache/cache.py",
     "prefixcache/kvstate.py",
     "prefixcache/radix.py",
-    "prefixcache/recipes.py",
+    "prefixcache/recipe/messages.py",
     "prefixcache/store/disk.py",
     "prefixcache/segment.py",
     "prefixcache/template.py",
