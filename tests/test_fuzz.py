@@ -42,7 +42,7 @@ from prefixcache.template import ChatTemplate
 
 WORKER = Path(__file__).parent / "workers" / "fuzz_worker.py"
 
-#: Programs in the default (CI) run: about 4.5 minutes on 2 cores.
+#: Programs in the default (CI) run: about 5 minutes on 2 cores (60 programs, ~450 operations).
 DEFAULT_RUNS = 60
 #: Operations come in runs of 1 to 4 on one conversation (a chat, then a pin of its head, ...),
 #: up to 6 runs: longer programs than one flat list of hypothesis's average size, and still
