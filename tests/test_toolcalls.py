@@ -284,6 +284,8 @@ PARSER_CASES = [
     ("json", 'We open at 8am. {"name": "x"}', 'We open at 8am. {"name": "x"}', []),
     ("json", '{"answer": 42}', '{"answer": 42}', []),
     ("json", '{"name": "cut"', '{"name": "cut"', []),
+    # The next call cut off by max_tokens is dropped, not leaked into content.
+    ("json", '{"name": "a", "arguments": {}}\n{"name": "lookup_orde', None, [("a", {})]),
     (
         "hermes",
         f"<tool_call>\n{STOCK_CALL}\n</tool_call>",

@@ -96,6 +96,10 @@ def _scan_json_calls(
         if verdict is ObjectScan.HOLD:
             return out
         if verdict is ObjectScan.TEXT:
+            if out.calls and json_end(text, j) is None:
+                # An object left open after calls is the next call cut off (max_tokens), not
+                # text: it goes, rather than leaking half a call into ``content``.
+                return out
             out.content += text[j:] if out.calls else text[pos:]
             return out
         assert call is not None
