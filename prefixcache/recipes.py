@@ -1,27 +1,4 @@
 """Recipes (kept for imports): the code lives in the :mod:`prefixcache.recipe` package."""
 
-from .recipe import (
-    RECIPE_SUFFIXES,
-    IncludeSpec,
-    Recipe,
-    RecipeRoot,
-    check_fits,
-    check_token_limits,
-    load_recipe,
-    load_recipes,
-    parse_duration,
-    watched_paths,
-)
-
-__all__ = [
-    "RECIPE_SUFFIXES",
-    "IncludeSpec",
-    "Recipe",
-    "RecipeRoot",
-    "check_fits",
-    "check_token_limits",
-    "load_recipe",
-    "load_recipes",
-    "parse_duration",
-    "watched_paths",
-]
+from .recipe import *  # noqa: F403 - the same public names, listed once in recipe/__init__.py
+from .recipe import __all__ as __all__
