@@ -136,6 +136,7 @@ class _Collector:
             refused.add_metric([w.id], float(w.busy_refusals))
         yield from (store, queue, refused)
         yield CounterMetricFamily("prefixcache_recipe_reloads", "Recipe reloads", value=s.reloads)
+        yield from s.api_cache.collect()
 
 
 class _Scraper:
@@ -321,6 +322,7 @@ def create_app(server: Server) -> FastAPI:
         except Exception as exc:
             raise api_error(exc) from exc
         headers = _diverged(made)
+        server.api_cache.record_call(request.url.path if request else "", worker.id, made)
         if not stream:
             result["model"] = name
             return JSONResponse(result, headers=headers)

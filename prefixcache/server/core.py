@@ -25,6 +25,7 @@ from ..config import resolve_model
 from ..errors import PrefixCacheError
 from ..prewarm import context_size, group_by_model, prewarm
 from ..recipes import Recipe, load_recipes, watched_paths
+from .apimetrics import APICacheCounters
 from .auth import ApiKeys, namespace_for
 from .reload import RecipeWatcher, stale_pins
 from .schema import APIError
@@ -120,6 +121,8 @@ class Server:
         self.reloads = 0
         self._requests: dict[tuple[str, int], int] = {}
         self._requests_lock = threading.Lock()
+        #: Cache reads and writes by API, for /metrics (each API's routes record their calls).
+        self.api_cache = APICacheCounters()
         self._reload_lock = threading.Lock()
         self._sources: set[str] = set()  # recipe files of the last good load
         self.watcher = RecipeWatcher(
