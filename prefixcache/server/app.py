@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..explain import DIVERGED_IN_PIN
+from . import caches, responses
 from .core import DEFAULT_MAX_TOKENS_CAP, DEFAULT_WATCH_INTERVAL, Server, ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, api_error
 from .worker import ClientGone, ModelWorker, capped, collect_call, stream_call
@@ -364,6 +365,8 @@ def create_app(server: Server) -> FastAPI:
             worker, body.stream, call, body.llama_kwargs(), request=request, model=body.model
         )
 
+    responses.add_routes(app, server)
+    caches.add_routes(app, server)
     return app
 
 
