@@ -18,7 +18,7 @@ from typing import Any
 
 import llama_cpp
 
-from . import config, generate
+from . import checkpoint, config, generate
 from .calibration import Calibration
 from .catalog import Catalog, Known
 from .errors import (
@@ -127,7 +127,11 @@ class PrefixCache:
             unsigned or wrongly signed ones are refused (see docs/security.md).
         tool_parser: how the model writes tool calls (a name from
             ``prefixcache.tools.PARSERS`` or a ToolParser; None: chosen from the chat template).
-        chat_template: a Jinja chat template to use instead of the one in the model's metadata.
+        chat_template: a Jinja chat template (its text or the path of a file holding it) to use
+            instead of the one in the model's metadata.
+        chat_format: a chat format registered in llama-cpp-python ("gemma", "chatml",
+            "llama-3", ...) to use instead; give at most one of the two. With neither and no
+            template in the model, ``complete()`` works and ``chat()`` says what to pass.
     """
 
     def __init__(
@@ -141,13 +145,14 @@ class PrefixCache:
         segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
         store_key: str | bytes | None = None,
         tool_parser: str | ToolParser | None = None,
-        chat_template: str | None = None,
+        chat_template: str | os.PathLike[str] | None = None,
+        chat_format: str | None = None,
     ):
         self.llm = llm
         self._lock = model_lock(llm)
         with self._lock:
             self.kv = LlamaKV(llm)
-        self.template = ChatTemplate(llm, chat_template)
+        self.template = ChatTemplate(llm, chat_template, chat_format=chat_format)
         self.tool_parser = (
             get_parser(tool_parser)
             if tool_parser is not None
@@ -157,7 +162,7 @@ class PrefixCache:
         self.namespace = namespace
         self.autosave = autosave
         self.quota_bytes = None if quota_gb is None else int(quota_gb * 1e9)
-        self.segment_tokens = segment_tokens
+        self.segment_tokens = self.kv.memory.segment_tokens(segment_tokens)
         self._stats = Stats()
         self._reported: set[tuple[str, type]] = set()
         self.integrity = Integrity.from_config(store_key)
@@ -171,7 +176,11 @@ class PrefixCache:
             self.store.set_doc(memo_doc, self.integrity.seal(memo_doc, memo))
             self.store.set_doc(
                 "fingerprint:" + self.fingerprint.digest,
-                {**self.fingerprint.to_dict(), "model_path": str(llm.model_path)},
+                {
+                    **self.fingerprint.to_dict(),
+                    "model_path": str(llm.model_path),
+                    "memory": self.kv.memory.kind,  # read by status and tree
+                },
             )
         except StoreError as exc:  # a full or read-only store still serves restores
             self._store_failed("recording the fingerprint", exc)
@@ -199,12 +208,17 @@ class PrefixCache:
         quota_gb: float | None = None,
         store_key: str | bytes | None = None,
         tool_parser: str | ToolParser | None = None,
-        chat_template: str | None = None,
+        chat_template: str | os.PathLike[str] | None = None,
+        chat_format: str | None = None,
         **llama_kwargs: Any,
     ) -> PrefixCache:
-        """Load a model (default: the bundled SmolLM2) and open a cache on it."""
+        """Load a model (default: the bundled SmolLM2) and open a cache on it.
+
+        Sliding-window models always get ``swa_full=True``: without it llama.cpp drops the KV
+        of tokens outside the window and no prefix could be kept (see :mod:`prefixcache.memory`).
+        """
         path = config.resolve_model(model)
-        llama_kwargs.setdefault("chat_format", "chat_template.default")
+        llama_kwargs.setdefault("chat_format", chat_format or "chat_template.default")
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -229,10 +243,13 @@ class PrefixCache:
             )
         except BaseException:
             llm.close()
+                chat_format=chat_format,
             raise
         cache._owns_llm = True
         return cache
 
+        if chat_template is not None:  # so that llm.create_chat_completion renders the same
+            llm.chat_handler = cache.template._handler
     # index ----------------------------------------------------------------------------------
 
     def root(self, namespace: str | None = None) -> str:
@@ -287,7 +304,7 @@ class PrefixCache:
         except _STORE_FAILURES as exc:
             self._store_failed("reading the index", exc)
             self.kv.truncate(live)
-            return live, 0, 0.0, None
+            return self.llm.n_tokens, 0, 0.0, None
         match = known.index.match(tokens)
         # Nothing more than two comparisons unless the prompt leaves a stored prefix.
         diverged = check_restore(
@@ -299,7 +316,7 @@ class PrefixCache:
         )
         if match.length <= live:
             self.kv.truncate(live)
-            return live, 0, 0.0, diverged
+            return self.llm.n_tokens, 0, 0.0, diverged
         t0 = time.perf_counter()
         chain = [known.segments[k] for k in match.chain]
         todo = [s for s in chain if s.end > live]
@@ -322,6 +339,7 @@ class PrefixCache:
         seconds = time.perf_counter() - t0
         restored = max(0, cached - todo[0].start)
         self._stats.bytes_restored += restored_bytes
+        cached = self.llm.n_tokens  # memory that cannot be cut there is emptied
         self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
         return cached, restored, seconds, diverged
 
@@ -370,10 +388,13 @@ class PrefixCache:
         cached, restored, seconds, diverged = self._restore(tokens, namespace)
         keep = self.kv.suffix_start(len(tokens), cached, generating=generating)
         if keep < cached:
+        if self.kv.memory.checkpoints:
+            return checkpoint.prepare(self, tokens, namespace, generating=generating)
             self.kv.truncate(keep)
             restored = max(0, restored - (cached - keep))
             cached = keep
         self.kv.owner = namespace
+            keep = self.llm.n_tokens  # memory that cannot be cut there is emptied
         # The Llama prefills the rest of the prompt in batches: trust its KV up to the prompt's
         # end (not the generated tokens that follow), except a last token it evaluates alone.
         alone = generating and self.kv.last_token_alone(len(tokens), cached)
@@ -450,6 +471,8 @@ class PrefixCache:
         captured = []
         for a, b in itertools.pairwise(edges):
             captured.append((a, b, self.kv.capture(a, b)))
+        if self.kv.memory.checkpoints:  # a recurrent state exists only where it was snapshotted
+            cuts = {b for b in cuts if self.kv.has_checkpoint(b)}
         now = time.time()
         segs: list[tuple[Segment, bytearray]] = []
         p = parent or root
@@ -544,7 +567,7 @@ class PrefixCache:
             self._count(prepared)
             todo = tokens[prepared.cached_tokens :]
             t0 = time.perf_counter()
-            self.kv.evaluate(todo, progress)
+            self.kv.evaluate(todo, progress, stops=boundaries)
             self._note_prefill(len(todo), time.perf_counter() - t0)
             now = time.time()
 

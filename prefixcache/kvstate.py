@@ -1,4 +1,5 @@
-"""The llama.cpp boundary: capture and restore KV state by token range.
+"""The llama.cpp boundary: capture and restore KV state by token range (or, for recurrent and
+hybrid models, as whole-sequence checkpoints; see :mod:`prefixcache.memory`).
 
 This is the only module that calls llama.cpp's state API. It works on a context with two
 sequences in one unified KV buffer: sequence 0 is the conversation, sequence 1 is scratch. A span
@@ -29,6 +30,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .fingerprint import Fingerprint, file_digest
+from .memory import SlidingWindow, memory_for
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +64,8 @@ class LlamaKV:
 
     def __init__(self, llm: llama_cpp.Llama):
         self.llm = llm
-        model = llm._model.model
-        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
-            raise UnsupportedModelError(
-                "recurrent and hybrid models keep no per-token KV; their prefixes cannot be "
-                "restored by range"
-            )
-        if llama_cpp.llama_model_n_swa(model) > 0 and not llm.context_params.swa_full:
-            raise UnsupportedModelError(
-                "this model uses sliding-window attention; open it with swa_full=True so that "
-                "every token's KV is kept and can be restored"
-            )
+        #: How this model family's state is cut, stored and restored (see prefixcache.memory).
+        self.memory = memory_for(llm)
         self._ensure_scratch_sequence()
         self.n_ctx = int(llm.n_ctx())
         self.n_batch = int(llm.n_batch)
@@ -85,6 +78,8 @@ class LlamaKV:
             )
         self.n_vocab = int(llm.n_vocab())
         self._buffer = bytearray()
+        #: Checkpointed memory: whole-sequence snapshots taken while evaluating, by position.
+        self._snapshots: dict[int, bytes] = {}
 
     # context management ---------------------------------------------------------------------
 
@@ -93,10 +88,15 @@ class LlamaKV:
         ctx = llm._ctx.ctx
         params = llm.context_params
         auto_fa = params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-        if llama_cpp.llama_n_seq_max(ctx) >= 2 and params.kv_unified and not auto_fa:
+        # Sliding-window models keep every token's KV (swa_full), or no prefix could be kept.
+        swa = isinstance(self.memory, SlidingWindow)
+        ready = llama_cpp.llama_n_seq_max(ctx) >= 2 and params.kv_unified and not auto_fa
+        if ready and (params.swa_full or not swa):
             return
         params.n_seq_max = 2
         params.kv_unified = True
+        if swa:
+            params.swa_full = True
         with _llama_log_lines() as lines:
             new = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
         if auto_fa:
@@ -191,9 +191,20 @@ class LlamaKV:
         self.llm._prefixcache_owner = namespace  # type: ignore[attr-defined]
 
     def truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens of sequence 0 and forget the rest."""
+        """Keep the first ``n`` tokens of sequence 0 and forget the rest.
+
+        Memory that cannot be cut there (recurrent state short of its end, sliding-window
+        cells reused below the window) is emptied instead: ``llm.n_tokens`` says what is kept.
+        """
         n = max(0, min(n, self.llm.n_tokens))
-        llama_cpp.llama_memory_seq_rm(self._mem, CONVERSATION, n, -1)
+        mem = self._mem
+        kept = llama_cpp.llama_memory_seq_rm(mem, CONVERSATION, n, -1)
+        if n > 0 and kept:
+            kept = self.memory.usable(n, llama_cpp.llama_memory_seq_pos_min(mem, CONVERSATION))
+        if not kept:
+            llama_cpp.llama_memory_seq_rm(mem, CONVERSATION, -1, -1)
+            n = 0
+        self._snapshots = {p: b for p, b in self._snapshots.items() if p <= n}
         self.llm.n_tokens = n
         self.exact = min(self.exact, n)
         self.llm._requires_eval = True
@@ -227,28 +238,62 @@ class LlamaKV:
         """Whether llama-cpp-python evaluates the prompt's last token alone from ``start`` on."""
         return (n_prompt - start) % self.unit == 1 or self.unit == 1
 
-    def evaluate(self, tokens: Sequence[int], progress: Progress | None = None) -> None:
+    def evaluate(
+        self,
+        tokens: Sequence[int],
+        progress: Progress | None = None,
+        *,
+        stops: Sequence[int] = (),
+        last_alone: bool = False,
+    ) -> None:
         """Append ``tokens`` to sequence 0, in batches of at most one micro-batch, none of one
-        token (unless ``tokens`` is one token: callers keep that from happening)."""
+        token (unless ``tokens`` is one token: callers keep that from happening).
+
+        Checkpointed memory is snapshotted at its end and at the absolute positions ``stops``
+        (those that leave no batch of one). ``last_alone``: evaluate the last token in a batch of
+        its own, as a cold run does when it lands on a micro-batch boundary.
+        """
         start = self.llm.n_tokens
         self.validate(list(self.live_tokens()) + list(tokens))
         total = len(tokens)
-        cuts = list(range(0, total, self.unit))
-        if total > 1 and total - cuts[-1] == 1 and self.unit > 2:
+        ends = {start + total}
+        if self.memory.checkpoints:
+            ends.update(p for p in stops if start + 2 <= p <= start + total - 2)
+        if last_alone and total >= 1:
+            ends.add(start + total - 1)
+        done = start
+        for end in sorted(ends):
+            self._evaluate_run(tokens[done - start : end - start], progress, done - start, total)
+            done = end
+            if self.memory.checkpoints and (end < start + total or not last_alone):
+                self._snapshots[end] = bytes(self._sequence_state())
+        assert self.llm.n_tokens == start + total
+        # A token evaluated alone has KV (and state) unlike a batched prefill's: not trusted.
+        self.exact = self.llm.n_tokens - (1 if last_alone and total >= 2 else 0)
+
+    def _evaluate_run(
+        self, tokens: Sequence[int], progress: Progress | None, offset: int, total: int
+    ) -> None:
+        n = len(tokens)
+        if n == 0:
+            return
+        cuts = list(range(0, n, self.unit))
+        if n > 1 and n - cuts[-1] == 1 and self.unit > 2:
             cuts[-1] -= 1  # ... unit, unit - 1, 2 instead of ... unit, unit, 1
-        for a, b in itertools.pairwise([*cuts, total]):
+        for a, b in itertools.pairwise([*cuts, n]):
             self.llm.eval(tokens[a:b])
             if progress is not None:
-                progress(b, total)
-        assert self.llm.n_tokens == start + total
-        self.exact = self.llm.n_tokens
+                progress(offset + b, total)
 
     # capture and restore --------------------------------------------------------------------
 
     def capture(self, start: int, end: int) -> bytearray:
-        """Serialise the KV of positions ``[start, end)`` of sequence 0."""
+        """Serialise the KV of positions ``[start, end)`` of sequence 0 (checkpointed memory:
+        the whole sequence's state at ``end``)."""
         if not 0 <= start < end <= self.llm.n_tokens:
             raise ValueError(f"cannot capture [{start}, {end}) of {self.llm.n_tokens} live tokens")
+        if self.memory.checkpoints:
+            return self._checkpoint(end)
         ctx = self.llm._ctx.ctx
         mem = self._mem
         llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
@@ -265,6 +310,62 @@ class LlamaKV:
             raise RuntimeError(f"llama.cpp wrote {written} of {size} state bytes")
         return out
 
+    def has_checkpoint(self, end: int) -> bool:
+        """Whether the state after ``end`` live tokens can be captured (checkpointed memory)."""
+        exact_now = self.llm.n_tokens == end == self.exact
+        return end in self._snapshots or exact_now
+
+    def _checkpoint(self, end: int) -> bytearray:
+        if end in self._snapshots:
+            return bytearray(self._snapshots[end])
+        if not self.has_checkpoint(end):
+            raise ValueError(f"no checkpoint of the state after {end} tokens was taken")
+        return self._sequence_state()
+
+    def _sequence_state(self) -> bytearray:
+        """The whole state of sequence 0, as llama.cpp serialises it."""
+        ctx = self.llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, CONVERSATION)
+        out = bytearray(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(out)
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, CONVERSATION)
+        del buf
+        if written != size:
+            raise RuntimeError(f"llama.cpp wrote {written} of {size} state bytes")
+        return out
+
+    def restore_checkpoint(self, data: Any, nbytes: int, start: int, tokens: Sequence[int]) -> None:
+        """Replace sequence 0 by a checkpoint: the state after the segment ``tokens`` that
+        starts at ``start`` (the caller puts the ``start`` tokens before it in ``input_ids``).
+
+        The bytes must already be checksummed; on failure sequence 0 is left empty.
+        """
+        llm = self.llm
+        end = start + len(tokens)
+        if end > self.n_ctx:
+            raise PromptTooLongError(end, self.n_ctx, "restored prefix")
+        ctx = llm._ctx.ctx
+        mem = self._mem
+        view = memoryview(data).cast("B")
+        if len(view) < nbytes:
+            raise CorruptSegmentError("?", "buffer shorter than the segment")
+        buf = (ctypes.c_uint8 * nbytes).from_buffer_copy(view[:nbytes])
+        self.truncate(0)
+        loaded = llama_cpp.llama_state_seq_set_data(ctx, buf, nbytes, CONVERSATION)
+        hi = llama_cpp.llama_memory_seq_pos_max(mem, CONVERSATION)
+        if not loaded or hi != end - 1:
+            llama_cpp.llama_memory_seq_rm(mem, CONVERSATION, -1, -1)
+            raise SegmentRefusedError(
+                "?",
+                f"llama.cpp rejected the checkpoint (loaded={loaded}, last position {hi}, "
+                f"expected {end - 1})",
+            )
+        llm.input_ids[start:end] = tokens
+        llm.n_tokens = end
+        self.exact = end
+        self._snapshots = {}
+        llm._requires_eval = True
+
     def buffer(self, nbytes: int) -> memoryview:
         """A reusable buffer to read segment bytes into (no allocation per restore)."""
         if len(self._buffer) < nbytes:
@@ -277,6 +378,9 @@ class LlamaKV:
         The bytes must already be checksummed; llama.cpp still checks their layout, and the
         positions they land on are checked here. On failure sequence 0 is left at ``start``.
         """
+        if self.memory.checkpoints:
+            self.restore_checkpoint(data, nbytes, start, tokens)
+            return
         llm = self.llm
         if llm.n_tokens != start:
             raise ValueError(f"restore at {start} but {llm.n_tokens} tokens are live")

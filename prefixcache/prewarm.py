@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import config
 from .cache import PrefixCache
+from .errors import ConfigError
 from .kvstate import Progress
 from .recipes import Recipe, check_fits, check_token_limits
 from .segment import Pin
@@ -128,6 +129,23 @@ def context_size(recipes: Sequence[Recipe], override: int | None = None) -> int:
     return max((r.n_ctx for r in recipes if r.n_ctx), default=config.DEFAULT_N_CTX)
 
 
+def chat_options(
+    recipes: Sequence[Recipe], chat_template: str | None = None, chat_format: str | None = None
+) -> tuple[str | None, str | None]:
+    """``(chat_template, chat_format)``: the chat template or format for a group of recipes on one model: the one their model
+    sections name, else the given defaults. Raises ConfigError when they name different ones."""
+    asked = {(r.chat_template, r.chat_format) for r in recipes if r.chat_template or r.chat_format}
+    if len(asked) > 1:
+        names = ", ".join(r.name for r in recipes if r.chat_template or r.chat_format)
+        raise ConfigError(
+            f"recipes {names} run on one model with different chat templates or formats; "
+            "give them the same one (a loaded model renders with one template)"
+        )
+    if asked:
+        return asked.pop()
+    return chat_template, chat_format
+
+
 ProgressFactory = Callable[[Recipe], Progress | None]
 
 
@@ -152,6 +170,7 @@ def prewarm_all(
 
 __all__ = [
     "PrewarmResult",
+    "chat_options",
     "context_size",
     "current_pin",
     "group_by_model",

@@ -51,6 +51,8 @@ class ModelFigures:
     prefill_tokens_per_s: float
     restore_bytes_per_s: float
     bytes_per_token: float
+    #: How its prefixes are kept: "range", "swa_full" or "checkpoints" (prefixcache.memory).
+    memory: str = "range"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ class StoreStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def memory_kind(store: Store, fingerprint: str) -> str:
+    """How segments of a fingerprint hold state: "range", "swa_full" or "checkpoints"."""
+    doc = store.get_doc(_FINGERPRINT_DOC + fingerprint) or {}
+    return str(doc.get("memory") or "range")
 
 
 def model_name(store: Store, fingerprint: str) -> str:
@@ -127,6 +135,7 @@ def collect(store: Store, quota_bytes: int | None = None, now: float | None = No
                 prefill_tokens_per_s=float(cal.get("prefill_tokens_per_s", 0.0)),
                 restore_bytes_per_s=float(cal.get("restore_bytes_per_s", 0.0)),
                 bytes_per_token=float(cal.get("bytes_per_token", 0.0)),
+                memory=memory_kind(store, fp),
             )
         )
     unpinned = [s for k, s in segments.items() if k not in pinned]
@@ -179,6 +188,9 @@ class TreeNode:
     pins: list[str]
     hits: int
     children: list[TreeNode] = field(default_factory=list)
+    #: Its bytes are a whole-sequence checkpoint at its end (recurrent and hybrid models):
+    #: a restore can stop only at the end of such a node.
+    checkpoint: bool = False
 
 
 def tree(store: Store) -> dict[str, list[TreeNode]]:
@@ -188,8 +200,14 @@ def tree(store: Store) -> dict[str, list[TreeNode]]:
     pins: dict[str, list[str]] = {}
     for pin in store.pins():
         pins.setdefault(pin.key, []).append(pin.name)
+    kinds = {fp: memory_kind(store, fp) for fp in {s.fingerprint for s in segments.values()}}
     nodes = {
-        k: TreeNode(s, sorted(pins.get(k, [])), usage.get(k, Usage()).hits)
+        k: TreeNode(
+            s,
+            sorted(pins.get(k, [])),
+            usage.get(k, Usage()).hits,
+            checkpoint=kinds[s.fingerprint] == "checkpoints",
+        )
         for k, s in segments.items()
     }
     roots: dict[str, list[TreeNode]] = {}

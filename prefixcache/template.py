@@ -14,12 +14,16 @@ that every conversation starting with those messages is guaranteed to share.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import llama_chat_format
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .errors import TemplateError
@@ -50,31 +54,46 @@ TOOLS_PREAMBLE = (
 class ChatTemplate:
     """Renders messages (and tools) to the token ids the model will see."""
 
-    def __init__(self, llm: llama_cpp.Llama, source: str | None = None):
-        template = source or llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise TemplateError(
-                "the model has no chat template in its GGUF metadata; prefixcache needs one to "
-                "render conversations (or pass chat_template=)"
-            )
+    def __init__(
+        self,
+        llm: llama_cpp.Llama,
+        source: str | os.PathLike[str] | None = None,
+        *,
+        chat_format: str | None = None,
+    ):
+        if source and chat_format:
+            raise TemplateError("give chat_template or chat_format, not both")
         self._llm = llm
-        self.source = template
+        self.chat_format = chat_format
         eos_id = llm.token_eos()
         bos_id = llm.token_bos()
         eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
         bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
-        # The same arguments Llama.__init__ uses for "chat_template.default".
-        self._with_prompt, self._without_prompt = (
-            Jinja2ChatFormatter(
-                template=template,
-                eos_token=eos,
-                bos_token=bos,
-                stop_token_ids=[eos_id],
-                add_generation_prompt=gen,
+        self._formatters: tuple[Any, Any] | None = None
+        self._handler: Any = None
+        if chat_format:
+            self.source = ""
+            formatter, self._handler = _registered_format(chat_format)
+            # Registered formats always end with the assistant's header.
+            self._formatters = (formatter, formatter)
+        else:
+            self.source = load_template_text(source) or llm.metadata.get(
+                "tokenizer.chat_template", ""
             )
-            for gen in (True, False)
-        )
-        self._handler = self._with_prompt.to_chat_handler()
+        if self.source:
+            # The same arguments Llama.__init__ uses for "chat_template.default".
+            self._formatters = tuple(  # type: ignore[assignment]
+                Jinja2ChatFormatter(
+                    template=self.source,
+                    eos_token=eos,
+                    bos_token=bos,
+                    stop_token_ids=[eos_id],
+                    add_generation_prompt=gen,
+                )
+                for gen in (True, False)
+            )
+            self._handler = self._formatters[0].to_chat_handler()  # type: ignore[index]
+        template = self.source
         #: Templates that never mention tools get them as a system message instead.
         self.native_tools = "tools" in template
         #: Templates without a developer role get developer messages as system messages.
@@ -82,6 +101,31 @@ class ChatTemplate:
         #: Whether the template shows a call's arguments given as a JSON string as they are;
         #: if not (it applies ``tojson`` to them), they are handed over as an object.
         self.string_arguments = self.native_tools and self._shows_string_arguments()
+
+    @property
+    def available(self) -> bool:
+        """Whether conversations can be rendered (False: only raw prompts, ``complete()``)."""
+        return self._formatters is not None
+
+    @property
+    def identity(self) -> str:
+        """What renders conversations: ``jinja:<sha256 prefix>``, ``format:<name>`` or
+        ``none``; a different identity means different tokens for the same messages."""
+        if self.chat_format:
+            return f"format:{self.chat_format}"
+        if self.source:
+            return "jinja:" + hashlib.sha256(self.source.encode("utf-8")).hexdigest()[:16]
+        return "none"
+
+    def _formatter(self, add_generation_prompt: bool) -> Any:
+        if self._formatters is None:
+            raise TemplateError(
+                "the model has no chat template in its GGUF metadata, so conversations cannot be "
+                "rendered; pass chat_template= (Jinja text or a file) or chat_format= (a "
+                "llama-cpp-python format such as 'gemma' or 'chatml'), or use complete() with a "
+                "raw prompt"
+            )
+        return self._formatters[0 if add_generation_prompt else 1]
 
     def complete(self, llm: llama_cpp.Llama, **kwargs: Any) -> Any:
         """Run the chat handler with ``Llama.create_chat_completion``'s defaults.
@@ -91,6 +135,7 @@ class ChatTemplate:
         """
         for name, param in _CHAT_DEFAULTS.items():
             kwargs.setdefault(name, param)
+        self._formatter(True)  # raises TemplateError without a template
         return self._handler(llama=llm, **kwargs)
 
     def messages_for(
@@ -148,7 +193,7 @@ class ChatTemplate:
             {"role": "assistant", "content": None, "tool_calls": [call]},
         ]
         try:
-            text = self._without_prompt(messages=probe).prompt  # type: ignore[arg-type]
+            text = self._formatter(False)(messages=probe).prompt
         except Exception:  # a template that refuses the probe: hand objects, as most want
             return False
         return arguments in text
@@ -160,16 +205,27 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
     ) -> str:
+        return str(self._render(messages, tools, add_generation_prompt).prompt)
+
+    def _render(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> Any:
         msgs, tool_arg = self.messages_for(messages, tools)
-        fmt = self._with_prompt if add_generation_prompt else self._without_prompt
+        fmt = self._formatter(add_generation_prompt)
         try:
-            return fmt(messages=msgs, tools=tool_arg).prompt  # type: ignore[arg-type]
+            return fmt(messages=msgs, tools=tool_arg)
+        except TemplateError:
+            raise
         except Exception as exc:  # jinja2 errors and the template's own raise_exception
             raise TemplateError(f"the chat template cannot render these messages: {exc}") from exc
 
-    def tokenize(self, text: str) -> list[int]:
-        # As chat_formatter_to_chat_completion_handler: the template adds special tokens itself.
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        # As chat_formatter_to_chat_completion_handler: a Jinja template adds special tokens
+        # itself; a registered format that does not gets the BOS from the tokenizer.
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def tokens(
         self,
@@ -179,9 +235,8 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
     ) -> list[int]:
         """Token ids of the whole conversation, as create_chat_completion would evaluate them."""
-        return self.tokenize(
-            self.render(messages, tools, add_generation_prompt=add_generation_prompt)
-        )
+        result = self._render(messages, tools, add_generation_prompt)
+        return self.tokenize(result.prompt, add_bos=not result.added_special)
 
     def prefix_tokens(
         self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None
@@ -226,6 +281,42 @@ class ChatTemplate:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+
+def load_template_text(value: str | os.PathLike[str] | None) -> str | None:
+    """A chat template given as Jinja text or as the path of a file holding it."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if isinstance(value, str) and ("{%" in text or "{{" in text):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise TemplateError(
+            f"chat_template: {text!r} is neither Jinja text nor a template file that exists"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"chat_template: cannot read {path}: {exc}") from exc
+
+
+def _registered_format(name: str) -> tuple[Any, Any]:
+    """The formatter and chat handler llama-cpp-python registered as ``name``."""
+    known = sorted(llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(name)
+    except (ValueError, llama_chat_format.LlamaChatCompletionHandlerNotFoundException):
+        raise TemplateError(
+            f"chat_format: unknown format {name!r}; llama-cpp-python knows {', '.join(known)}"
+        ) from None
+    formatter = inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
+    if formatter is None:
+        raise TemplateError(
+            f"chat_format: {name!r} is a chat handler that renders no text prompt, so its tokens "
+            "cannot be matched; give a Jinja chat_template instead"
+        )
+    return formatter, handler
 
 
 def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from rich.text import Text
 from .. import config
 from ..cache import PrefixCache
 from ..errors import ConfigError, PrefixCacheError
+from ..prewarm import chat_options
 from ..recipes import Recipe, load_recipe
 from ..store import Store, open_store
 
@@ -48,6 +49,8 @@ class Options:
     quota_gb: float | None = None
     verbose: bool = False
     store_key: str | None = None
+    chat_template: str | None = None
+    chat_format: str | None = None
 
     @property
     def quota_bytes(self) -> int | None:
@@ -106,9 +109,31 @@ def main(
             show_default=False,
         ),
     ] = None,
+    chat_template_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--chat-template-file",
+            exists=True,
+            dir_okay=False,
+            help="Jinja chat template to render conversations with, for models whose GGUF has"
+            " none or a wrong one [default: the GGUF's; a recipe's model section wins].",
+            show_default=False,
+        ),
+    ] = None,
+    chat_format: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-format",
+            help="A llama-cpp-python chat format instead (gemma, chatml, llama-3, ...).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Pin, prewarm and restore llama.cpp KV prefixes for local LLM agents."""
-    ctx.obj = Options(store, model, n_ctx, quota_gb, verbose, store_key)
+    if chat_template_file and chat_format:
+        raise typer.BadParameter("give --chat-template-file or --chat-format, not both")
+    template = str(chat_template_file) if chat_template_file else None
+    ctx.obj = Options(store, model, n_ctx, quota_gb, verbose, store_key, template, chat_format)
     for handler in [h for h in log.handlers if isinstance(h, RichHandler)]:
         log.removeHandler(handler)
     log.addHandler(RichHandler(console=err_console, show_path=False, show_time=False))
@@ -155,8 +180,13 @@ def open_store_for(opts: Options) -> Store:
 
 @contextmanager
 def open_cache(
-    opts: Options, model: Path, n_ctx: int, autosave: bool = True
+    opts: Options,
+    model: Path,
+    n_ctx: int,
+    autosave: bool = True,
+    recipes: Sequence[Recipe] = (),
 ) -> Iterator[PrefixCache]:
+    template, chat_format = chat_options(recipes, opts.chat_template, opts.chat_format)
     with console.status(f"loading {model.name}", spinner="dots"):
         cache = PrefixCache.open(
             model,
@@ -166,6 +196,8 @@ def open_cache(
             quota_gb=opts.quota_gb,
             autosave=autosave,
             store_key=opts.store_key,  # None: $PREFIXCACHE_STORE_KEY, read by the library
+            chat_template=template,
+            chat_format=chat_format,
         )
     try:
         yield cache

@@ -34,7 +34,7 @@ def chat_cmd(
     recipe = find_recipe(recipe_spec)
     model = next(iter(group_by_model([recipe], opts.model)))
     n_ctx = context_size([recipe], opts.n_ctx)
-    with open_cache(opts, model, n_ctx, autosave=recipe.autosave) as cache:
+    with open_cache(opts, model, n_ctx, autosave=recipe.autosave, recipes=[recipe]) as cache:
         with progress_bars() as bars:
             prewarm(cache, recipe, progress=recipe_bar(bars, recipe.name))
         history: list[dict[str, Any]] = list(recipe.messages)

@@ -54,7 +54,7 @@ def _prewarm_group(
     """Prewarm recipes that share a model, with one progress bar per recipe evaluated."""
     results = []
     n_ctx = context_size(recipes, opts.n_ctx)
-    with open_cache(opts, model, n_ctx) as cache, progress_bars(quiet) as bars:
+    with open_cache(opts, model, n_ctx, recipes=recipes) as cache, progress_bars(quiet) as bars:
         for recipe in recipes:
             results.append(
                 prewarm(cache, recipe, progress=recipe_bar(bars, recipe.name), force=force)
@@ -267,7 +267,8 @@ def explain_cmd(
     model = next(iter(group_by_model([recipe] if recipe else [], opts.model)), None)
     model = model or config.resolve_model(opts.model)
     n_ctx = context_size([recipe] if recipe else [], opts.n_ctx)
-    with open_cache(opts, model, n_ctx, autosave=False) as cache:
+    recipes = [recipe] if recipe else []
+    with open_cache(opts, model, n_ctx, autosave=False, recipes=recipes) as cache:
         explanation = cache.explain(**{**body, "namespace": namespace})
     if as_json:
         console.print_json(json.dumps(explanation.to_dict()))
@@ -381,4 +382,6 @@ def serve_cmd(
         confine_recipes=not no_recipes_root,
         store_key=opts.store_key,
         max_tokens_cap=max_tokens_cap or None,
+        chat_template=opts.chat_template,
+        chat_format=opts.chat_format,
     )

@@ -147,6 +147,7 @@ def print_status(report: store_status.StoreStatus) -> None:
     if report.models:
         figures = Table(title="cost model, measured on this machine", title_justify="left")
         figures.add_column("model", overflow="fold")
+        figures.add_column("memory", no_wrap=True)
         for col in ("prefill", "restore", "KV/token", "min span saved"):
             figures.add_column(col, justify="right", no_wrap=True)
         for m in report.models:
@@ -157,6 +158,7 @@ def print_status(report: store_status.StoreStatus) -> None:
             )
             figures.add_row(
                 m.model,
+                m.memory,
                 f"{m.prefill_tokens_per_s:.0f} tok/s" if m.prefill_tokens_per_s else "—",
                 f"{m.restore_bytes_per_s / 1e9:.2f} GB/s" if m.restore_bytes_per_s else "—",
                 fmt_size(m.bytes_per_token) if m.bytes_per_token else "—",
@@ -179,8 +181,9 @@ def add_branch(parent: Tree, node: store_status.TreeNode) -> None:
     seg = node.segment
     pins = f" [green]📌 {', '.join(node.pins)}[/]" if node.pins else ""
     label = f" [dim]{seg.label}[/]" if seg.label and not node.pins else ""
+    kind = " · checkpoint" if node.checkpoint else ""
     branch = parent.add(
-        f"[{seg.start}, {seg.end}) {len(seg.tokens)} tok · {fmt_size(seg.nbytes)} · "
+        f"[{seg.start}, {seg.end}) {len(seg.tokens)} tok · {fmt_size(seg.nbytes)}{kind} · "
         f"{node.hits} hits{pins}{label}"
     )
     for child in node.children:

@@ -169,16 +169,24 @@ def _alias_line(recipe: Recipe, alias: str) -> int | None:
     return _item_lines(items, _key_line(data, "aliases"))[items.index(alias)]
 
 
+_MODEL_KEYS = ("path", "chat_template", "chat_format")
+
+
 def _parse_model(data: Mapping[str, Any], path: Path, parent: Recipe | None) -> str | None:
+    """The model file: ``model: file.gguf``, or ``model: {path: file.gguf, ...}``."""
     if "model" not in data:
         return parent.model if parent else None
     value = data["model"]
+    line = _key_line(data, "model")
+    if isinstance(value, Mapping):
+        _check_keys(value, _MODEL_KEYS, "model key", path)
+        value = value.get("path")
     if value is None:
         return None
-    line = _key_line(data, "model")
     if not isinstance(value, str) or not value:
         raise RecipeError(
-            f"model must be the path of a GGUF file or null, got {_show(value)}",
+            "model must be the path of a GGUF file, null, or a mapping with path, "
+            f"chat_template and chat_format; got {_show(value)}",
             path=path,
             line=line,
         )
@@ -186,6 +194,36 @@ def _parse_model(data: Mapping[str, Any], path: Path, parent: Recipe | None) -> 
     if not model.is_file():
         raise RecipeError(f"model: no such file '{value}'", path=path, line=line)
     return str(model)
+
+
+def _parse_chat(
+    data: Mapping[str, Any], path: Path, parent: Recipe | None
+) -> tuple[str | None, str | None]:
+    """``(chat_template, chat_format)`` from the model section: a template file (relative to
+    the recipe) or a llama-cpp-python format name; inherited with the model."""
+    section = data.get("model")
+    if not isinstance(section, Mapping):
+        if "model" in data:
+            return None, None
+        return (parent.chat_template, parent.chat_format) if parent else (None, None)
+    template = section.get("chat_template")
+    chat_format = section.get("chat_format")
+    line = _key_line(data, "model")
+    for key, value in (("chat_template", template), ("chat_format", chat_format)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise RecipeError(f"model.{key} must be text, got {_show(value)}", path=path, line=line)
+    if template and chat_format:
+        raise RecipeError(
+            "model: give chat_template or chat_format, not both", path=path, line=line
+        )
+    if template:
+        file = _absolute(path.parent, os.path.expanduser(template))
+        if not file.is_file():
+            raise RecipeError(
+                f"model.chat_template: no such file '{template}'", path=path, line=line
+            )
+        template = str(file)
+    return template, chat_format
 
 
 def _parse_ttl(data: Mapping[str, Any], path: Path) -> float | None:

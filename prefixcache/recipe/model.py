@@ -19,6 +19,7 @@ from .fields import (
     _get_positive_int,
     _inherit,
     _parse_aliases,
+    _parse_chat,
     _parse_model,
     _parse_name,
     _parse_tools,
@@ -48,6 +49,10 @@ class Recipe:
     line: int  #: line of the ``prefix:`` key, or 1
     #: Other names a server accepts as ``model`` for this recipe; not inherited.
     aliases: tuple[str, ...] = ()
+    #: The model section's chat template file (absolute path) or llama-cpp-python chat format;
+    #: inherited with the model.
+    chat_template: str | None = None
+    chat_format: str | None = None
 
     @classmethod
     def from_dict(
@@ -72,7 +77,10 @@ class Recipe:
             data, path, parent, has_tools=bool(tools), roots=_roots(root), tool_names=tool_names
         )
         name = _parse_name(data, path)
+        chat_template, chat_format = _parse_chat(data, path, parent)
         return cls(
+            chat_template=chat_template,
+            chat_format=chat_format,
             name=name,
             aliases=_parse_aliases(data, path, name),
             path=path,
@@ -112,14 +120,25 @@ class Recipe:
     def content_digest(self) -> str:
         """SHA-256 over everything that decides the prefix's KV state, to tell if it is current.
 
-        Covers the rendered messages (so an edited included file changes it), the tools, the model
-        and n_ctx; not pinned, ttl or autosave, which only decide how long the state is kept.
+        Covers the rendered messages (so an edited included file changes it), the tools, the model,
+        the chat template (its text) or format, and n_ctx; not pinned, ttl or autosave, which only
+        decide how long the state is kept.
         """
-        payload = {
+        payload: dict[str, Any] = {
             "messages": self.messages,
             "tools": self.tools,
             "model": self.model,
             "n_ctx": self.n_ctx,
         }
+        if self.chat_template or self.chat_format:  # absent keys keep older digests valid
+            payload["chat"] = self.chat_format or _file_sha256(self.chat_template)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: str | None) -> str:
+    """SHA-256 of a file's bytes ("" when it cannot be read: the digest then changes later)."""
+    try:
+        return hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
+    except OSError:
+        return ""

@@ -388,6 +388,8 @@ def serve(
     store_key: str | None = None,
     max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
 ) -> None:
+    chat_template: str | None = None,
+    chat_format: str | None = None,
     """Load the models, prewarm the recipes, and serve until interrupted.
 
     ``api_keys`` are the keys themselves (see :func:`~prefixcache.server.auth.read_api_keys`
@@ -395,7 +397,8 @@ def serve(
     ``recipes_root`` (default: each recipe path's folder) unless ``confine_recipes`` is false.
     ``store_key`` authenticates stored segments (None: ``$PREFIXCACHE_STORE_KEY``, if set).
     ``max_tokens_cap`` bounds every request's ``max_tokens`` (and is the default for requests
-    without one); None or 0: no cap.
+    without one); None or 0: no cap. ``chat_template`` (Jinja text or a file) or ``chat_format``
+    (a llama-cpp-python format) renders conversations for models whose recipes name none.
     """
     config = ServerConfig(
         recipe_paths=[Path(p) for p in recipes],
@@ -412,6 +415,8 @@ def serve(
         store_key=store_key,
         max_tokens_cap=max_tokens_cap,
     )
+        chat_template=chat_template,
+        chat_format=chat_format,
     server = Server(config)
     try:
         server.start()

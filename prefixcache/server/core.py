@@ -23,7 +23,7 @@ from fastapi import Request
 from ..cache import PrefixCache
 from ..config import resolve_model
 from ..errors import PrefixCacheError
-from ..prewarm import context_size, group_by_model, prewarm
+from ..prewarm import chat_options, context_size, group_by_model, prewarm
 from ..recipes import Recipe, load_recipes, watched_paths
 from .apimetrics import APICacheCounters
 from .auth import ApiKeys, namespace_for
@@ -67,6 +67,10 @@ class ServerConfig:
     #: The most tokens a request generates (more asked: clipped, ``finish_reason: "length"``);
     #: also the default for requests that give no ``max_tokens``. None or 0: no cap.
     max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP
+    #: The chat template (Jinja text or file) or llama-cpp-python format for models whose
+    #: recipes name none in their model section (None: the GGUF's template).
+    chat_template: str | None = None
+    chat_format: str | None = None
 
     def recipe_roots(self) -> list[Path] | None:
         """The folders recipes may read from, or None for anywhere."""
@@ -183,6 +187,9 @@ class Server:
         if worker is None:
             n_ctx = context_size(recipes, self.config.n_ctx)
             log.info("loading %s (n_ctx %d)", model.name, n_ctx)
+            template, chat_format = chat_options(
+                recipes, self.config.chat_template, self.config.chat_format
+            )
             cache = PrefixCache.open(
                 model,
                 self.config.store,
@@ -190,6 +197,8 @@ class Server:
                 verbose=self.config.verbose,
                 quota_gb=self.config.quota_gb,
                 store_key=self.config.store_key,
+                chat_template=template,
+                chat_format=chat_format,
             )
             worker = ModelWorker(model_id(model), cache, self.config.max_queue)
             self.workers = MappingProxyType({**self.workers, worker.id: worker})
