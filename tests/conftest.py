@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import llama_cpp
 import pytest
 
@@ -113,3 +120,64 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="store of the differential fuzz: a directory (default) or a tiered store on a "
         "redis-server it kills and restarts (env PREFIXCACHE_FUZZ_STORE)",
     )
+
+
+# --- a real ``prefixcache serve`` for a whole test module (H15R: Responses API, /v1/caches) ------
+
+
+@dataclass
+class Server:
+    """A ``prefixcache serve`` subprocess: its base URL, log and the tokens each recipe pinned."""
+
+    url: str
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def pinned(self) -> dict[str, int]:
+        """Recipe name → tokens pinned, from the start-up log."""
+        found = re.finditer(r"recipe (\S+): (\d+) tokens pinned", self.log.read_text())
+        return {m.group(1): int(m.group(2)) for m in found}
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Start ``prefixcache serve`` on the test model, a fresh store and ``recipes`` (a folder),
+    with extra CLI arguments; every server started is stopped at the end of the module."""
+    started: list[Server] = []
+
+    def start(recipes: Path, *args: str) -> Server:
+        tmp = tmp_path_factory.mktemp("served")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        log = tmp / "server.log"
+        cmd = [sys.executable, "-m", "prefixcache", "--store", str(tmp / "store")]
+        cmd += ["--n-ctx", str(N_CTX), "serve", "--recipes", str(recipes), "--port", str(port)]
+        cmd += ["--watch-interval", "0", *args]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}", log, proc)
+        started.append(server)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not listen:\n{log.read_text()}"
+            try:
+                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+    yield start
+    for server in started:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()

@@ -97,10 +97,16 @@ class ResponsesRequest(BaseModel):
             return None
         if not isinstance(fmt, Mapping):
             raise RequestError("text.format must be an object with a type", "text.format")
-        if fmt.get("type") == "json_schema":
+        kind = fmt.get("type")
+        if kind == "json_schema":
             spec = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
             return {"type": "json_schema", "json_schema": spec}
-        return dict(fmt)  # text, json_object, or a type normalise_chat refuses by name
+        if kind not in ("text", "json_object"):
+            raise RequestError(
+                f"text.format.type must be text, json_object or json_schema, not {kind!r}",
+                "text.format.type",
+            )
+        return dict(fmt)
 
     def llama_kwargs(self) -> dict[str, Any]:
         """The chat call's keyword arguments (those the client set)."""
