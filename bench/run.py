@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -1237,6 +1238,16 @@ def storage_rows(tmp: Path, ttft_sizes: Sequence[int], agent_dir: Path) -> list[
     return rows
 
 
+def write_results(path: Path, text: str) -> None:
+    """Write the report, keeping the sections other benchmarks wrote in the file (between their
+    ``<!-- NAME: written by ... -->`` and ``<!-- /NAME -->`` markers, bench/llama_server.py's)."""
+    old = path.read_text() if path.exists() else ""
+    kept = [
+        m.group(0) for m in re.finditer(r"<!-- ([\w-]+): written by .*?<!-- /\1 -->", old, re.S)
+    ]
+    path.write_text(text.rstrip("\n") + "".join("\n\n" + k for k in kept) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run (~3 min)")
@@ -1251,7 +1262,7 @@ def main() -> None:
         res = json.loads(Path(args.report_only).read_text())
         plan = QUICK if res["quick"] else FULL
         text, _ = report(res, plan, res["elapsed_s"], res["quick"])
-        (out / "results.md").write_text(text)
+        write_results(out / "results.md", text)
         plot(res["ttft"], out / "ttft.png")
         print(text)
         return
@@ -1279,7 +1290,7 @@ def main() -> None:
         res["elapsed_s"], res["quick"] = elapsed, args.quick
         (out / "results.json").write_text(json.dumps(res, indent=1))
         text, _ = report(res, plan, elapsed, args.quick)
-    (out / "results.md").write_text(text)
+    write_results(out / "results.md", text)
     plot(res["ttft"], out / "ttft.png")
     print()
     print(text)
