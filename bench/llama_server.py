@@ -35,8 +35,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,33 +373,56 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def row(reply: Reply, reference: Reply | None, **info: Any) -> dict[str, Any]:
-    out = {**info, **reply.__dict__}
-    out["exact"] = None if reference is None else reply.text == reference.text
-    return out
+#: Sends one request (a ``(..., messages)`` tuple) one way and returns its row.
+Send = Callable[[tuple[Any, ...]], dict[str, Any]]
+#: Runs around a request (a ``/slots`` restore or save) and returns its seconds.
+Hook = Callable[[Server, tuple[Any, ...]], float]
 
 
-def run_requests(
+def via(
     server: Server,
-    requests: Sequence[tuple[Any, ...]],
-    refs: Sequence[Reply] | None,
     max_tokens: int,
     *,
-    before: Callable[[tuple[Any, ...]], float] | None = None,
-    after: Callable[[tuple[Any, ...]], float] | None = None,
+    before: Hook | None = None,
+    after: Hook | None = None,
     **body: Any,
-) -> dict[str, Any]:
-    """Send ``requests`` (``(..., messages)`` tuples) in order; ``before``/``after`` run around
-    each (a /slots restore or save) and return their seconds, which are reported apart."""
-    rows = []
-    t0 = time.perf_counter()
-    for i, req in enumerate(requests):
-        pre = before(req) if before else 0.0
+) -> Send:
+    """Requests to ``server``; the hooks' seconds are reported apart from the request's."""
+
+    def send(req: tuple[Any, ...]) -> dict[str, Any]:
+        pre = before(server, req) if before else 0.0
         reply = ask(server, req[-1], max_tokens, **body)
-        post = after(req) if after else 0.0
-        info = {"key": list(req[:-1]), "before_s": pre, "after_s": post}
-        rows.append(row(reply, refs[i] if refs else None, **info))
-    return {"rows": rows, "wall_s": time.perf_counter() - t0, **server.rss()}
+        post = after(server, req) if after else 0.0
+        return {"key": list(req[:-1]), "before_s": pre, "after_s": post, **reply.__dict__}
+
+    return send
+
+
+def cold_send(cold: ColdLlama, max_tokens: int) -> Send:
+    def send(req: tuple[Any, ...]) -> dict[str, Any]:
+        reply = cold.ask(req[-1], max_tokens)
+        return {"key": list(req[:-1]), "before_s": 0.0, "after_s": 0.0, **reply.__dict__}
+
+    return send
+
+
+def interleave(columns: dict[str, Send], requests: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    """Each request through every column before the next request, the columns' order rotating:
+    the machine is shared, so columns measured seconds apart see the same background load."""
+    names = list(columns)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i, req in enumerate(requests):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            rows[name].append(columns[name](req))
+    return rows
+
+
+def mark(rows: list[dict[str, Any]], refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's ``exact``: its greedy text equals the cold reference's for the same prompt."""
+    for r, ref in zip(rows, refs, strict=True):
+        r["exact"] = r["text"] == ref["text"]
+    return rows
 
 
 def slot_action(server: Server, action: str, filename: str) -> float:
@@ -415,107 +438,112 @@ def slot_action(server: Server, action: str, filename: str) -> float:
     return time.perf_counter() - t
 
 
-def overhead(server: Server, runs: int) -> dict[str, Any]:
-    """The same short prompt again and again (max_tokens 1): all of it is already in the server,
-    so the time is the per-request cost (HTTP, templating, tokenizing, lookup, one decode)."""
-    ask(server, OVERHEAD_PROMPT, 1)
-    times = [ask(server, OVERHEAD_PROMPT, 1).ttft_s for _ in range(runs)]
-    return {"ttft_s": times}
+def save_slot(server: Server, req: tuple[Any, ...]) -> float:
+    return slot_action(server, "save", f"agent-{req[0]}.bin")
 
 
-@contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
+def restore_slot(server: Server, req: tuple[Any, ...]) -> float:
+    return slot_action(server, "restore", f"agent-{req[0]}.bin")
+
+
+def overhead(servers: dict[str, Server], runs: int) -> dict[str, list[float]]:
+    """The same short prompt again and again (max_tokens 1), alternating between the servers:
+    all of it is already in the server, so the time is the per-request cost (HTTP, templating,
+    tokenizing, lookup, one decode)."""
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    for server in servers.values():
+        ask(server, OVERHEAD_PROMPT, 1)
+    for _ in range(runs):
+        for name, server in servers.items():
+            times[name].append(ask(server, OVERHEAD_PROMPT, 1).ttft_s)
+    return times
 
 
 def bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
-    from _common import load_llm  # noqa: F401  (import llama_cpp once, before the clock)
-
     cold = ColdLlama()
     switch, after = switching_prompts(plan, cold.llm)
     tool = [(turn, msgs) for turn, msgs in enumerate(tool_loop_prompts(plan.turns), 1)]
     n = plan.max_tokens
     res: dict[str, Any] = {"plan": plan.__dict__, "load_start": os.getloadavg()}
+    git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
+    res["commit"] = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "?"
     res["prompt_tokens"] = [
-        len(cold.llm.tokenize(s[-1][0]["content"].encode())) for s in switch[: plan.agents]
+        len(cold.llm.tokenize(req[-1][0]["content"].encode())) for req in switch[: plan.agents]
     ]
-
-    log("cold reference, llama-cpp-python (in process)")
-    t = time.perf_counter()
-    ref_pc = {
-        "switch": [cold.ask(r[-1], n) for r in switch],
-        "after": [cold.ask(r[-1], n) for r in after],
-        "tool": [cold.ask(r[-1], n) for r in tool],
-    }
-    res["cold_llama_cpp_python"] = {k: [x.__dict__ for x in v] for k, v in ref_pc.items()}
-    res["cold_llama_cpp_python_s"] = time.perf_counter() - t
-    cold.llm.close()
-
-    with tempfile.TemporaryDirectory(prefix="bench-llama-server-") as tmp:
+    rss: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-llama-server-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        log("cold reference, llama-server (no prompt cache, cache_prompt false)")
-        with running(start_llama_server("ls-cold", work, slots=1, cache_ram=0)) as s:
-            ref_ls = {
-                "switch": run_requests(s, switch, None, n, cache_prompt=False),
-                "after": run_requests(s, after, None, n, cache_prompt=False),
-                "tool": run_requests(s, tool, None, n, cache_prompt=False),
-            }
-        res["ls_cold"] = ref_ls
-        ls_refs = {k: [Reply(**_reply_fields(r)) for r in v["rows"]] for k, v in ref_ls.items()}
-        res["engines_agree"] = [
-            a.text == b.text
-            for key in ("switch", "after", "tool")
-            for a, b in zip(ls_refs[key], ref_pc[key], strict=True)
-        ]
-
-        log("llama-server, 1 slot, --cache-ram 8192, a /slots save after each request")
-        saved = work / "slots"
-
-        def save(req: tuple[Any, ...]) -> float:
-            return slot_action(server, "save", f"agent-{req[0]}.bin")
-
-        with running(start_llama_server("ls-1slot", work, slots=1, cache_ram=8192)) as server:
-            res["ls_1slot"] = run_requests(server, switch, ls_refs["switch"], n, after=save)
-        res["slot_files_bytes"] = dir_bytes(saved)
-        log("llama-server, 1 slot, restarted (its RAM cache is gone)")
-        with running(start_llama_server("ls-restart", work, slots=1, cache_ram=8192)) as s:
-            res["ls_restart"] = run_requests(s, after, ls_refs["after"], n)
-        log("llama-server, 1 slot, restarted, /slots restore before each agent's request")
-
-        def restore(req: tuple[Any, ...]) -> float:
-            return slot_action(server, "restore", f"agent-{req[0]}.bin")
-
-        with running(start_llama_server("ls-restore", work, slots=1, cache_ram=8192)) as server:
-            res["ls_restore"] = run_requests(server, after, ls_refs["after"], n, before=restore)
-
-        log("llama-server, its defaults (4 slots, unified KV, --cache-ram 8192)")
-        with running(start_llama_server("ls-default", work, slots=None, cache_ram=None)) as s:
-            res["ls_default"] = run_requests(s, switch, ls_refs["switch"], n)
-            log("llama-server, tool loop and overhead")
-            res["ls_tool"] = run_requests(s, tool, ls_refs["tool"], n)
-            res["ls_overhead"] = overhead(s, plan.overhead_runs)
-
         store = work / "store"
-        log("prefixcache serve (autosave, no recipes)")
-        with running(start_prefixcache("pc", store, work)) as s:
-            res["pc"] = run_requests(s, switch, ref_pc["switch"], n)
+
+        def up(server: Server) -> Server:
+            stack.callback(server.stop)
+            return server
+
+        def llama_server(name: str, slots: int | None, cache_ram: int | None) -> Server:
+            return up(start_llama_server(name, work, slots=slots, cache_ram=cache_ram))
+
+        log("starting: llama-server x3, prefixcache serve")
+        ls_cold = llama_server("ls-cold", 1, 0)
+        ls_1slot = llama_server("ls-1slot", 1, 8192)
+        ls_default = llama_server("ls-default", None, None)
+        pc = up(start_prefixcache("pc", store, work))
+        refs = {"ls_cold": via(ls_cold, n, cache_prompt=False), "pc_cold": cold_send(cold, n)}
+
+        log(f"context switching: {len(switch)} requests")
+        res["switch"] = interleave(
+            {
+                **refs,
+                "ls_1slot": via(ls_1slot, n, after=save_slot),
+                "ls_default": via(ls_default, n),
+                "pc": via(pc, n),
+            },
+            switch,
+        )
+        for name, server in (("ls_1slot", ls_1slot), ("ls_default", ls_default), ("pc", pc)):
+            rss[f"switch/{name}"] = server.rss()
+        res["slot_files_bytes"] = dir_bytes(work / "slots")
         res["pc_store_bytes"] = dir_bytes(store)
-        log("prefixcache serve, restarted on the same store")
-        with running(start_prefixcache("pc-restart", store, work)) as s:
-            res["pc_restart"] = run_requests(s, after, ref_pc["after"], n)
-            log("prefixcache serve, tool loop and overhead")
-            res["pc_tool"] = run_requests(s, tool, ref_pc["tool"], n)
-            res["pc_overhead"] = overhead(s, plan.overhead_runs)
+
+        log("restart: llama-server (RAM cache lost), llama-server + /slots restore, prefixcache")
+        ls_1slot.stop()
+        pc.stop()
+        ls_restart = llama_server("ls-restart", 1, 8192)
+        ls_restore = llama_server("ls-restore", 1, 8192)
+        pc = up(start_prefixcache("pc-restart", store, work))
+        res["restart"] = interleave(
+            {
+                **refs,
+                "ls_restart": via(ls_restart, n),
+                "ls_restore": via(ls_restore, n, before=restore_slot),
+                "pc": via(pc, n),
+            },
+            after,
+        )
+        for name, server in (("ls_restart", ls_restart), ("ls_restore", ls_restore), ("pc", pc)):
+            rss[f"restart/{name}"] = server.rss()
+        ls_restart.stop()
+        ls_restore.stop()
+
+        log(f"tool loop: {len(tool)} turns")
+        res["tool"] = interleave(
+            {**refs, "ls_default": via(ls_default, n), "pc": via(pc, n)},
+            tool,
+        )
+        rss["tool/ls_default"] = ls_default.rss()
+        rss["tool/pc"] = pc.rss()
         res["pc_store_bytes_end"] = dir_bytes(store)
+        log("per-request overhead")
+        res["overhead"] = overhead({"ls_default": ls_default, "pc": pc}, plan.overhead_runs)
+    cold.llm.close()
+    res["rss"] = rss
     res["load_end"] = os.getloadavg()
+    for scenario in ("switch", "restart", "tool"):
+        cols = res[scenario]
+        for name, rows in cols.items():
+            if name not in ("ls_cold", "pc_cold"):
+                mark(rows, cols["ls_cold"] if name.startswith("ls") else cols["pc_cold"])
+        mark(cols["ls_cold"], cols["pc_cold"])  # do the two engines agree when cold?
     return res
-
-
-def _reply_fields(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("ttft_s", "total_s", "text", "prompt_tokens", "cached_tokens")}
 
 
 # report -------------------------------------------------------------------------------------
@@ -531,11 +559,6 @@ def ms(s: float) -> str:
 
 def mb(b: float) -> str:
     return f"{b / 1e6:,.0f} MB"
-
-
-def exact(rows: list[dict[str, Any]]) -> str:
-    same = sum(1 for r in rows if r["exact"])
-    return f"{same}/{len(rows)}" + (" ✓" if same == len(rows) else " ✗")
 
 
 def table(headers: list[str], body: list[list[Any]]) -> str:
@@ -554,149 +577,181 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {ram:.1f} GiB RAM, {platform.platform()}"
 
 
+COLUMNS = {
+    "ls_cold": "llama-server, no prompt cache, `cache_prompt: false` (cold reference)",
+    "pc_cold": "llama-cpp-python, KV reset before each request (cold reference)",
+    "ls_1slot": "llama-server, 1 slot, `--cache-ram 8192`",
+    "ls_default": "llama-server, defaults: 4 slots, unified KV, `--cache-ram 8192`",
+    "ls_restart": "llama-server, restarted (RAM cache lost), 1 slot",
+    "ls_restore": "llama-server, restarted, `/slots` restore before each request",
+    "pc": "prefixcache serve (autosave, no recipes)",
+}
+
+
+def wait_s(r: dict[str, Any]) -> float:
+    """What the client waited for the first token: a scripted restore before it counts."""
+    return float(r["before_s"] + r["ttft_s"])
+
+
+def total_s(rows: list[dict[str, Any]]) -> float:
+    return sum(r["before_s"] + r["total_s"] for r in rows)
+
+
+def exact_cell(name: str, rows: list[dict[str, Any]]) -> str:
+    if name == "pc_cold":
+        return "reference"
+    same = sum(1 for r in rows if r["exact"])
+    if name == "ls_cold":
+        return f"reference ({same}/{len(rows)} = pc_cold)"
+    return f"{same}/{len(rows)}" + (" ✓" if same == len(rows) else " ✗")
+
+
+def cached(rows: list[dict[str, Any]]) -> str:
+    values = [r["cached_tokens"] for r in rows if r["cached_tokens"] is not None]
+    return f"{med(values):,.0f}" if values else "—"
+
+
 def report(res: dict[str, Any], elapsed: float, command: str) -> str:
     plan = res["plan"]
     agents = plan["agents"]
+    rss = res["rss"]
 
-    def split(rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
-        first = [r["ttft_s"] for r in rows[:agents]]
-        back = [r["ttft_s"] for r in rows[agents:]]
-        return first, back
+    def rss_cells(key: str) -> list[str]:
+        if key not in rss:
+            return ["—", "—"]
+        return [mb(rss[key]["rss"]), mb(rss[key]["peak_rss"])]
 
     md = [MARK_BEGIN, "", "## llama-server (llama.cpp's own server) side by side", ""]
     md.append(
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
-        f"`{command}`, {elapsed / 60:.1f} min. llama-server built by `--build` from the "
-        f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON} (the version prefixcache "
-        f"runs on). Both: SmolLM2-135M-Instruct Q4_1, n_ctx {N_CTX}, n_batch {N_BATCH}, n_ubatch "
-        f"{N_UBATCH}, {THREADS} thread(s) generating / {THREADS_BATCH} evaluating prompts, "
-        f"flash attention off, greedy, max_tokens {plan['max_tokens']}; streamed through the "
-        "`openai` client, TTFT = call to first content token. The machine was shared with other "
+        f"`{command}` at commit {res['commit']}, {elapsed / 60:.1f} min. llama-server built "
+        "by `--build` from the llama.cpp vendored in llama-cpp-python "
+        f"{LLAMA_CPP_PYTHON} (the version prefixcache runs on). Both: SmolLM2-135M-Instruct "
+        f"Q4_1, n_ctx {N_CTX}, n_batch {N_BATCH}, n_ubatch {N_UBATCH}, {THREADS} thread(s) "
+        f"generating / {THREADS_BATCH} evaluating prompts, flash attention off, greedy, "
+        f"max_tokens {plan['max_tokens']}; every server runs in its own process and is driven "
+        "through the same `openai` client; TTFT = call to first streamed content token. Each "
+        "request goes through every column before the next request (the order rotating), so "
+        "the columns share the machine's background load: the machine was shared with other "
         f"jobs (load average {res['load_start'][0]:.1f} at the start, "
-        f"{res['load_end'][0]:.1f} at the end): compare the columns, measured in one run, not "
-        "absolute times across runs. Exact: greedy output equal to a cold run of the same "
-        "prompt on the same engine (llama-server: `cache_prompt: false`, no RAM cache; "
-        "prefixcache: a reset `llama_cpp.Llama`)."
-    )
-    agree = res["engines_agree"]
-    md.append(
-        f"\nThe two engines' cold outputs agree on {sum(agree)}/{len(agree)} prompts "
-        "(same llama.cpp source, built separately)."
+        f"{res['load_end'][0]:.1f} at the end), so compare columns within this run, not times "
+        "across runs. Exact: greedy output equal, text for text, to the cold reference of the "
+        "same engine on the same prompt."
     )
 
+    pairs = [
+        (a["prompt_tokens"], b["prompt_tokens"])
+        for scenario in ("switch", "restart", "tool")
+        for a, b in zip(res[scenario]["ls_cold"], res[scenario]["pc"], strict=True)
+    ]
+    same = sum(1 for a, b in pairs if a == b)
+    md.append(
+        f"\nThe two servers count the same prompt tokens for {same} of {len(pairs)} prompts "
+        "(the same chat template, rendered by each)."
+    )
     toks = res["prompt_tokens"]
+    sw = res["switch"]
     md.append(
-        f"\n### Context switching: {agents} agents {TIMES} ~{med(toks):,.0f}-token system prompts, "
-        f"{len(res['pc']['rows'])} requests round-robin\n"
+        f"\n### Context switching: {agents} agents {TIMES} ~{med(toks):,.0f}-token system "
+        f"prompts, {len(sw['pc'])} requests round-robin\n"
     )
     md.append(
-        f"Agent a asks question r in round r; the {agents} agents' prompts together "
-        f"(~{sum(toks):,} tokens) do not fit one n_ctx {N_CTX} context, so every switch needs the "
-        "next agent's prefix from somewhere. 'first': each agent's first request (nothing cached "
-        "yet); 'switch back': the later rounds."
-    )
-    cols = [
-        ("llama-server, no prompt cache (cold)", res["ls_cold"]["switch"], None),
-        ("llama-server, 1 slot, --cache-ram 8192", res["ls_1slot"], None),
-        ("llama-server defaults: 4 slots, unified KV, --cache-ram 8192", res["ls_default"], None),
-        ("prefixcache serve (autosave)", res["pc"], res["pc_store_bytes"]),
-    ]
-    body = []
-    for name, run, disk in cols:
-        first, back = split(run["rows"])
-        ok = exact(run["rows"]) if run["rows"][0]["exact"] is not None else "(reference)"
-        body.append(
-            [
-                name,
-                ms(med(first)),
-                ms(med(back)),
-                ms(run["wall_s"]),
-                ok,
-                mb(run["rss"]),
-                mb(run["peak_rss"]),
-                "—" if disk is None else mb(disk),
-            ]
-        )
-    headers = ["server", "first (median)", "switch back (median)", "total", "exact"]
-    md.append("\n" + table([*headers, "RSS after", "peak RSS", "disk"], body))
-    saves = [r["after_s"] for r in res["ls_1slot"]["rows"]]
-    cold_pc = [r["ttft_s"] for r in res["cold_llama_cpp_python"]["switch"]]
-    md.append(
-        f"\nThe 1-slot llama-server also saved its slot after every request (`POST "
-        f"/slots/0?action=save`, for the restart below; not in its TTFTs or total): median "
-        f"{ms(med(saves))}, {mb(res['slot_files_bytes'])} of slot files for {agents} agents. "
-        f"llama-cpp-python cold reference: median {ms(med(cold_pc))}."
-    )
-
-    md.append("\n### Restart: both servers restarted, then each agent's next question\n")
-    rest = res["ls_restore"]["rows"]
-    body = [
-        [
-            "llama-server (RAM cache lost)",
-            ms(med([r["ttft_s"] for r in res["ls_restart"]["rows"]])),
-            ms(res["ls_restart"]["wall_s"]),
-            exact(res["ls_restart"]["rows"]),
-            "—",
-        ],
-        [
-            "llama-server + `/slots` restore before each request",
-            ms(med([r["ttft_s"] + r["before_s"] for r in rest])),
-            ms(res["ls_restore"]["wall_s"]),
-            exact(rest),
-            mb(res["slot_files_bytes"]),
-        ],
-        [
-            "prefixcache serve (same store)",
-            ms(med([r["ttft_s"] for r in res["pc_restart"]["rows"]])),
-            ms(res["pc_restart"]["wall_s"]),
-            exact(res["pc_restart"]["rows"]),
-            mb(res["pc_store_bytes"]),
-        ],
-    ]
-    md.append(table(["server", "TTFT (median)", "total", "exact", "disk"], body))
-    md.append(
-        f"\nllama-server's restore column counts the `/slots` restore (median "
-        f"{ms(med([r['before_s'] for r in rest]))}) in the TTFT: the client waits for both. It "
-        "needs a script that knows which file holds which agent and a slot to put it in; "
-        "prefixcache finds the prefix by the prompt's tokens."
-    )
-
-    lt, pt = res["ls_tool"]["rows"], res["pc_tool"]["rows"]
-    md.append(f"\n### Tool loop: {len(pt)} turns, one request per turn\n")
-    md.append(
-        "One conversation (examples/agent_loop.py's system prompt and tools, the tool schemas as "
-        "text): each turn adds a question, the agent's call, the tool's result, and asks for the "
-        f"answer; the history is scripted so both servers see the same prompts (from "
-        f"{pt[0]['prompt_tokens']:,} to {pt[-1]['prompt_tokens']:,} tokens). llama-server with "
-        "its defaults; prefixcache serve after the restart above."
+        f"Agent a asks question r in round r. The {agents} prompts together "
+        f"(~{sum(toks):,} tokens) do not fit one n_ctx {N_CTX} context, so each switch needs "
+        "the next agent's prefix from somewhere. 'first': each agent's first request (nothing "
+        "cached yet); 'switch back': the later rounds; 'cached': prompt tokens not evaluated "
+        "(`usage.prompt_tokens_details.cached_tokens`), median over the switch-backs."
     )
     body = []
-    for name, rows, run in (
-        ("llama-server", lt, res["ls_tool"]),
-        ("prefixcache serve", pt, res["pc_tool"]),
-    ):
+    for name in ("ls_cold", "pc_cold", "ls_1slot", "ls_default", "pc"):
+        rows = sw[name]
+        disk = {"pc": mb(res["pc_store_bytes"]), "ls_1slot": mb(res["slot_files_bytes"])}
         body.append(
             [
-                name,
-                ms(med([r["ttft_s"] for r in rows])),
-                ms(rows[-1]["ttft_s"]),
-                ms(run["wall_s"]),
-                exact(rows),
-                mb(run["rss"]),
+                COLUMNS[name],
+                ms(med([wait_s(r) for r in rows[:agents]])),
+                ms(med([wait_s(r) for r in rows[agents:]])),
+                cached(rows[agents:]),
+                ms(total_s(rows)),
+                exact_cell(name, rows),
+                *rss_cells(f"switch/{name}"),
+                disk.get(name, "—"),
             ]
         )
-    cold_tool = med([r["ttft_s"] for r in res["ls_cold"]["tool"]["rows"]])
-    md.append(table(["server", "TTFT (median)", "last turn", "total", "exact", "RSS after"], body))
-    md.append(f"\nllama-server cold (no cache) on the same prompts: median {ms(cold_tool)}.")
+    headers = ["", "first", "switch back", "cached", "total", "exact", "RSS after", "peak RSS"]
+    md.append("\n" + table([*headers, "disk"], body))
+    saves = [r["after_s"] for r in sw["ls_1slot"]]
+    md.append(
+        "\nThe 1-slot llama-server also saved its slot to a file after every request (`POST "
+        "/slots/0?action=save`, for the restart below; not counted in its times): median "
+        f"{ms(med(saves))}; its disk column is those files (one per agent, the last save). "
+        "prefixcache's is its store."
+    )
 
-    lo, po = med(res["ls_overhead"]["ttft_s"]), med(res["pc_overhead"]["ttft_s"])
+    rs = res["restart"]
+    md.append("\n### Restart: the servers restarted, then each agent's next question\n")
+    body = []
+    for name in ("ls_cold", "pc_cold", "ls_restart", "ls_restore", "pc"):
+        rows = rs[name]
+        disk = {"pc": mb(res["pc_store_bytes"]), "ls_restore": mb(res["slot_files_bytes"])}
+        body.append(
+            [
+                COLUMNS[name],
+                ms(med([wait_s(r) for r in rows])),
+                cached(rows),
+                ms(total_s(rows)),
+                exact_cell(name, rows),
+                *rss_cells(f"restart/{name}"),
+                disk.get(name, "—"),
+            ]
+        )
+    md.append(
+        table(["", "TTFT", "cached", "total", "exact", "RSS after", "peak RSS", "disk"], body)
+    )
+    restores = [r["before_s"] for r in rs["ls_restore"]]
+    md.append(
+        "\nThe restore column's TTFT includes the `/slots/0?action=restore` call before the "
+        f"request (median {ms(med(restores))}): the client waits for both. It needs a script "
+        "that saved each agent's slot to a file of its own and restores the right one before "
+        "each request; prefixcache finds the stored prefix from the prompt's tokens."
+    )
+
+    tl = res["tool"]
+    md.append(f"\n### Tool loop: {len(tl['pc'])} turns, one request per turn\n")
+    md.append(
+        "One conversation (examples/agent_loop.py's system prompt and tools, the schemas as "
+        "text in the system prompt): each turn adds a question, the agent's call and the "
+        "tool's result, and asks for the answer. The history is scripted (fixed calls, results "
+        "and answers), so both servers see the same prompts, from "
+        f"{tl['pc'][0]['prompt_tokens']:,} to {tl['pc'][-1]['prompt_tokens']:,} tokens. "
+        "llama-server with its defaults; prefixcache serve the restarted one."
+    )
+    body = []
+    for name in ("ls_cold", "pc_cold", "ls_default", "pc"):
+        rows = tl[name]
+        body.append(
+            [
+                COLUMNS[name],
+                ms(med([wait_s(r) for r in rows])),
+                ms(wait_s(rows[-1])),
+                cached(rows),
+                ms(total_s(rows)),
+                exact_cell(name, rows),
+                *rss_cells(f"tool/{name}"),
+            ]
+        )
+    headers = ["", "TTFT", "last turn", "cached", "total", "exact", "RSS after", "peak RSS"]
+    md.append("\n" + table(headers, body))
+
+    lo = med(res["overhead"]["ls_default"])
+    po = med(res["overhead"]["pc"])
     md.append("\n### Per-request overhead\n")
     md.append(
-        f"A 20-token prompt the server already holds, asked again {plan['overhead_runs']} times "
-        f"(max_tokens 1): llama-server {ms(lo)}, prefixcache serve {ms(po)} (median; "
-        f"+{(po - lo) * 1000:,.0f} ms per request, {po / lo:.1f}{TIMES}): HTTP, templating, "
-        "tokenizing, the prefix lookup and llama-cpp-python's per-request setup in Python, vs "
-        "llama-server's C++."
+        f"A 20-token prompt the server already holds, asked {plan['overhead_runs']} times "
+        f"(max_tokens 1, alternating): llama-server {ms(lo)}, prefixcache serve {ms(po)} "
+        f"(medians; {(po - lo) * 1000:+,.0f} ms per request, {po / lo:.1f}{TIMES}): HTTP, "
+        "templating, tokenizing, the prefix lookup and llama-cpp-python's per-request setup "
+        "in Python, against llama-server's C++."
     )
     md += ["", MARK_END]
     return "\n".join(md)
