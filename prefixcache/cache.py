@@ -240,16 +240,16 @@ class PrefixCache:
                 store_key=store_key,
                 tool_parser=tool_parser,
                 chat_template=chat_template,
+                chat_format=chat_format,
             )
         except BaseException:
             llm.close()
-                chat_format=chat_format,
             raise
+        if chat_template is not None:  # so that llm.create_chat_completion renders the same
+            llm.chat_handler = cache.template._handler
         cache._owns_llm = True
         return cache
 
-        if chat_template is not None:  # so that llm.create_chat_completion renders the same
-            llm.chat_handler = cache.template._handler
     # index ----------------------------------------------------------------------------------
 
     def root(self, namespace: str | None = None) -> str:
@@ -336,10 +336,10 @@ class PrefixCache:
         if cached < match.length:
             diverged = restore_failed(cached, match.length)
         self.kv.truncate(cached)
+        cached = self.llm.n_tokens  # memory that cannot be cut there is emptied
         seconds = time.perf_counter() - t0
         restored = max(0, cached - todo[0].start)
         self._stats.bytes_restored += restored_bytes
-        cached = self.llm.n_tokens  # memory that cannot be cut there is emptied
         self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
         return cached, restored, seconds, diverged
 
@@ -385,16 +385,16 @@ class PrefixCache:
         """Restore the longest available prefix of ``tokens``, then give back what it takes
         for the suffix to be evaluated as a cold run would (see LlamaKV.suffix_start)."""
         self.kv.validate(tokens, extra)
+        if self.kv.memory.checkpoints:
+            return checkpoint.prepare(self, tokens, namespace, generating=generating)
         cached, restored, seconds, diverged = self._restore(tokens, namespace)
         keep = self.kv.suffix_start(len(tokens), cached, generating=generating)
         if keep < cached:
-        if self.kv.memory.checkpoints:
-            return checkpoint.prepare(self, tokens, namespace, generating=generating)
             self.kv.truncate(keep)
+            keep = self.llm.n_tokens  # memory that cannot be cut there is emptied
             restored = max(0, restored - (cached - keep))
             cached = keep
         self.kv.owner = namespace
-            keep = self.llm.n_tokens  # memory that cannot be cut there is emptied
         # The Llama prefills the rest of the prompt in batches: trust its KV up to the prompt's
         # end (not the generated tokens that follow), except a last token it evaluates alone.
         alone = generating and self.kv.last_token_alone(len(tokens), cached)
@@ -467,12 +467,12 @@ class PrefixCache:
             return parent, [], 0
         step = self.segment_tokens
         cuts.update(range((at // step + 1) * step, end, step))
+        if self.kv.memory.checkpoints:  # a recurrent state exists only where it was snapshotted
+            cuts = {b for b in cuts if self.kv.has_checkpoint(b)}
         edges = [at, *sorted(cuts), end]
         captured = []
         for a, b in itertools.pairwise(edges):
             captured.append((a, b, self.kv.capture(a, b)))
-        if self.kv.memory.checkpoints:  # a recurrent state exists only where it was snapshotted
-            cuts = {b for b in cuts if self.kv.has_checkpoint(b)}
         now = time.time()
         segs: list[tuple[Segment, bytearray]] = []
         p = parent or root
@@ -637,6 +637,7 @@ class PrefixCache:
         ``usage`` gains ``prompt_tokens_details.cached_tokens``. With ``stream=True`` an
         iterator of chunks is returned (tool calls as ``delta.tool_calls``); pass
         ``stream_options={"include_usage": True}`` for a final usage chunk.
+
         """
         return generate.chat(
             self,

@@ -387,9 +387,9 @@ def serve(
     confine_recipes: bool = True,
     store_key: str | None = None,
     max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
-) -> None:
     chat_template: str | None = None,
     chat_format: str | None = None,
+) -> None:
     """Load the models, prewarm the recipes, and serve until interrupted.
 
     ``api_keys`` are the keys themselves (see :func:`~prefixcache.server.auth.read_api_keys`
@@ -414,9 +414,9 @@ def serve(
         confine_recipes=confine_recipes,
         store_key=store_key,
         max_tokens_cap=max_tokens_cap,
-    )
         chat_template=chat_template,
         chat_format=chat_format,
+    )
     server = Server(config)
     try:
         server.start()
