@@ -132,7 +132,7 @@ def context_size(recipes: Sequence[Recipe], override: int | None = None) -> int:
 def chat_options(
     recipes: Sequence[Recipe], chat_template: str | None = None, chat_format: str | None = None
 ) -> tuple[str | None, str | None]:
-    """``(chat_template, chat_format)``: the chat template or format for a group of recipes on one model: the one their model
+    """``(chat_template, chat_format)`` for a group of recipes on one model: the ones their model
     sections name, else the given defaults. Raises ConfigError when they name different ones."""
     asked = {(r.chat_template, r.chat_format) for r in recipes if r.chat_template or r.chat_format}
     if len(asked) > 1:
