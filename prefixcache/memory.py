@@ -90,8 +90,16 @@ class Checkpointed(Memory):
 
 
 def memory_for(llm: llama_cpp.Llama) -> Memory:
-    """The memory kind of a loaded model."""
+    """The memory kind of a loaded model (UnsupportedModelError, naming its family and what to
+    do instead, for a model whose state cannot be stored)."""
     model = llm._model.model
+    if llama_cpp.llama_model_has_encoder(model):
+        raise refuse(
+            llm,
+            "encoder-decoder models keep the encoder's output outside the sequence state, so a "
+            "stored decoder prefix would not match the input it was made for",
+            "run them with llama-cpp-python directly, without prefixcache",
+        )
     if llama_cpp.llama_model_is_recurrent(model):
         return Checkpointed()
     if llama_cpp.llama_model_is_hybrid(model):

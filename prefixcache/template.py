@@ -121,9 +121,9 @@ class ChatTemplate:
         if self._formatters is None:
             raise TemplateError(
                 "the model has no chat template in its GGUF metadata, so conversations cannot be "
-                "rendered; pass chat_template= (Jinja text or a file) or chat_format= (a "
-                "llama-cpp-python format such as 'gemma' or 'chatml'), or use complete() with a "
-                "raw prompt"
+                "rendered; pass chat_template= (Jinja text or a file; CLI --chat-template-file) "
+                "or chat_format= (a llama-cpp-python format such as 'gemma' or 'chatml'; CLI "
+                "--chat-format), or use complete() with a raw prompt"
             )
         return self._formatters[0 if add_generation_prompt else 1]
 
@@ -248,6 +248,7 @@ class ChatTemplate:
         """
         if not messages:
             raise TemplateError("a prefix needs at least one message")
+        self._formatter(True)  # raises TemplateError without a template
         variants = [self._try_tokens(messages, tools)]
         for role in _PROBE_ROLES:
             for probe in _PROBES:

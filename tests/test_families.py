@@ -273,3 +273,40 @@ def test_recipe_model_section_names_a_template_that_keys_its_digest(
     recipe.write_text(body.replace("\nprefix", "\n  chat_format: chatml\nprefix"))
     with pytest.raises(RecipeError, match="not both"):
         load_recipe(recipe)
+
+
+def test_cli_takes_a_template_file_and_shows_checkpoints(
+    tiny: Callable[[str], Path], tmp_path: Path, store: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from prefixcache.cli import app
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(PLAIN_TEMPLATE)
+    recipe = tmp_path / "shop.yaml"
+    recipe.write_text(
+        "name: shop\nprefix:\n  - role: system\n    content: the shop sells the seeds\n"
+        "  - role: user\n    content: the tin is in the hall\n"
+    )
+    runner = CliRunner()
+
+    def run(*args: str | Path) -> Any:
+        return runner.invoke(
+            app,
+            ["--store", str(store), "--n-ctx", str(TINY_CTX), *map(str, args)],
+            env={"COLUMNS": "160"},
+        )
+
+    model = tiny("mamba2")
+    result = run("--model", model, "--chat-template-file", template, "prewarm", recipe)
+    assert result.exit_code == 0, result.output
+    status = json.loads(run("status", "--json").stdout)
+    assert [m["memory"] for m in status["models"]] == ["checkpoints"]
+    assert "checkpoint" in run("tree").stdout
+    both = run("--chat-template-file", template, "--chat-format", "chatml", "status")
+    assert both.exit_code != 0 and "not both" in both.output
+    # Without a template the model can still be opened; chatting from a recipe says what to pass.
+    result = run("--model", model, "prewarm", recipe)
+    assert result.exit_code == 1 and "no chat template" in result.output
+    assert "--chat-template-file" in result.output
