@@ -1,7 +1,11 @@
 """What is stored and how to find it: per-namespace radix indexes kept in step with the store.
 
-Other processes write to the same store, so each lookup first compares the store's generation
-counter with the one the index was built at and, when it moved, adds and drops segments. A segment
+Other processes write to the same store, so each lookup first brings the namespace's index up to
+date. A store with a change log (:class:`~prefixcache.store.base.ChangeLog`: the disk and Redis
+stores) answers with what changed for that namespace's root since the index last looked, so a
+lookup costs one small query plus the changes, whatever else the store holds; indexes of the
+last :data:`MAX_NAMESPACES` namespaces used are kept. Any other store is resynced the old way:
+when its generation counter moved, every key is listed and unknown segments are read. A segment
 that fails its checksum is quarantined (deleted with its descendants, and noted in the store); one
 that is intact but cannot be used here (llama.cpp refuses it, or it is not authenticated with this
 process's store key) is only skipped by this process: other hosts may use it.
@@ -18,6 +22,10 @@ from .fingerprint import Fingerprint
 from .radix import RadixIndex
 from .segment import Segment, root_key
 from .store import Store
+from .store.base import ChangeLog
+
+#: Indexes of this many namespaces are kept (least recently used dropped first).
+MAX_NAMESPACES = 16
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,7 @@ class Known:
 
     index: RadixIndex = field(default_factory=RadixIndex)
     segments: dict[str, Segment] = field(default_factory=dict)
+    seq: int = -1  # position in the store's change log this index reflects (-1: none yet)
 
 
 class Catalog:
@@ -38,6 +47,7 @@ class Catalog:
         self.fingerprint = fingerprint
         self.key_id = key_id  # the store key's public name: each key has a key space of its own
         self._known: dict[str, Known] = {}
+        self._log = store if isinstance(store, ChangeLog) else None
         self._generation = -1
         self._explained = False
         #: Segments this process will not restore (key -> why), though they stay in the store.
@@ -48,6 +58,8 @@ class Catalog:
 
     def sync(self, namespace: str) -> Known:
         """The namespace's index, brought up to date with the store (other processes write too)."""
+        if self._log is not None:
+            return self._follow(self._log, namespace)
         gen = self.store.generation()
         known = self._known.get(namespace)
         if known is not None and gen == self._generation:
@@ -79,6 +91,36 @@ class Catalog:
             if ns != namespace:
                 del self._known[ns]
         self._generation = gen
+        return known
+
+    def _follow(self, log_: ChangeLog, namespace: str) -> Known:
+        """Apply the store's changes to the namespace's root since this index last looked."""
+        known = self._known.pop(namespace, None)
+        root = self.root(namespace)
+        delta = log_.changes(root, -1 if known is None else known.seq)
+        if known is None or delta.full:
+            known = Known()
+        self._known[namespace] = known  # most recently used last
+        while len(self._known) > MAX_NAMESPACES:
+            del self._known[next(iter(self._known))]
+        for key in delta.removed:
+            self.forget(known, key)
+        new = [
+            s
+            for s in delta.added
+            if s.key not in known.segments and s.key not in self.refused and s.root == root
+        ]
+        if len(new) > 1:
+            new.sort(key=lambda s: s.start)
+        for seg in new:
+            parent = None if seg.parent == root else seg.parent
+            if parent is not None and parent not in known.index:
+                continue  # its parent is gone or refused: unreachable here
+            known.index.insert(seg.key, parent, seg.tokens)
+            known.segments[seg.key] = seg
+        known.seq = delta.seq
+        if not known.segments and not self._explained:
+            self._explain_miss(self.store.keys(), known)
         return known
 
     def add(self, known: Known, seg: Segment) -> None:

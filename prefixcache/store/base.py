@@ -42,6 +42,38 @@ class StoreHealth:
     limit_bytes: int | None = None
 
 
+@dataclass(frozen=True)
+class IndexDelta:
+    """What changed among the segments of one root since a position in the store's change log.
+
+    ``seq`` is the position to ask from next time (opaque: only ever passed back). With
+    ``full`` set, ``added`` is the complete listing of the root and whatever else an index
+    holds for it is gone; otherwise ``added`` are the segments stored and ``removed`` the keys
+    deleted since, in log order.
+    """
+
+    seq: int
+    added: tuple[Segment, ...] = ()
+    removed: tuple[str, ...] = ()
+    full: bool = False
+
+
+@runtime_checkable
+class ChangeLog(Protocol):
+    """A store that logs the changes to each root's segments (the disk and Redis stores).
+
+    Indexes then follow the store at the cost of what changed, and never read another root's
+    segments; a store without it is resynced by listing every key (see catalog.py).
+    """
+
+    def changes(self, root: str, since: int) -> IndexDelta:
+        """The changes to ``root``'s segments after ``since`` (-1: the full listing).
+
+        A ``since`` the log no longer reaches back to (trimmed, or from another dataset)
+        gets the full listing.
+        """
+
+
 @runtime_checkable
 class ReportsHealth(Protocol):
     """A store that can say whether it is reachable and takes writes (the Redis-backed ones)."""

@@ -3,6 +3,11 @@
 diskcache gives process-safe SQLite metadata, file-backed values and transactions. We keep it
 from ever pickling (values are bytes, keys and metadata are str), switch off its own culling
 (eviction is ours: pins must survive) and make every file user-only.
+
+Beside diskcache's table, in the same database and written in the same transactions, a table of
+our own holds each segment's metadata by root with the log position of its last change (a
+deleted segment leaves a tombstone for a while): :meth:`DiskStore.changes` answers an index
+with what changed for its root alone (docs/design.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import diskcache.core
 
 from ..errors import CorruptSegmentError, StoreError
 from ..segment import Pin, Segment, Usage
-from .base import GcReport
+from .base import GcReport, IndexDelta
 from .docs import decode_doc, encode_doc
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,20 @@ _PIN = "pin:"
 _DOC = "doc:"
 _GEN = "generation"
 _BYTES = "bytes"
+#: Version of the index table; a store opened without it (older) is indexed once at open.
+_INDEX_FORMAT = "index-format"
+_INDEX_VERSION = 1
+#: Tombstones of deleted segments are kept for this many log positions: an index that last
+#: looked further back than that reloads its root.
+TOMBSTONE_HORIZON = 4096
+_TABLE = "prefixcache_index"
+_SCHEMA = (
+    # segment NULL: deleted at ``seq`` (a tombstone). The row of key '' holds the log floor.
+    f"CREATE TABLE IF NOT EXISTS {_TABLE} (key TEXT PRIMARY KEY, root TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, segment TEXT)",
+    f"CREATE INDEX IF NOT EXISTS {_TABLE}_root ON {_TABLE} (root, seq)",
+    f"CREATE INDEX IF NOT EXISTS {_TABLE}_seq ON {_TABLE} (seq)",
+)
 
 
 class SafeDisk(diskcache.Disk):
@@ -104,6 +123,50 @@ class DiskStore:
             db = self.path / name
             if db.exists():
                 os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            if self._cache.get(_INDEX_FORMAT) != _INDEX_VERSION:
+                for statement in _SCHEMA:
+                    self._sql_retry(statement)
+                self._reindex()
+                self._cache.set(_INDEX_FORMAT, _INDEX_VERSION)
+        except (sqlite3.Error, diskcache.core.Timeout) as exc:
+            raise StoreError(f"cannot index store {self.path}: {exc}") from exc
+
+    # The index table shares diskcache's connection (one per thread) so that its rows are
+    # written in the same transactions as the records they index.
+
+    def _sql(self, statement: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._cache._sql(statement, args)
+
+    def _sql_retry(self, statement: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._cache._sql_retry(statement, args)
+
+    def _reindex(self) -> None:
+        """Make the index table match the segment records (at open after an upgrade, in gc)."""
+        records = {}
+        for key in list(self._cache.iterkeys()):
+            if key.startswith(_SEG):
+                text = self._cache.get(key)
+                if text is not None:
+                    records[key[len(_SEG) :]] = text
+        with self._cache.transact():
+            rows = {k for (k,) in self._sql(f"SELECT key FROM {_TABLE} WHERE segment IS NOT NULL")}
+            missing = records.keys() - rows
+            stale = rows - records.keys()
+            if not missing and not stale:
+                return
+            gen = self._cache.incr(_GEN)
+            for key in missing:
+                try:
+                    root = Segment.from_json(records[key]).root
+                except CorruptSegmentError:
+                    continue
+                self._sql(
+                    f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?)",
+                    (key, root, gen, records[key]),
+                )
+            for key in stale:
+                self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
 
     # segments -------------------------------------------------------------------------------
 
@@ -121,9 +184,14 @@ class DiskStore:
         with self._cache.transact():
             if _SEG + seg.key in self._cache:
                 return False
-            self._cache.set(_SEG + seg.key, seg.to_json())
+            text = seg.to_json()
+            self._cache.set(_SEG + seg.key, text)
             self._cache.incr(_BYTES, seg.nbytes)
-            self._cache.incr(_GEN)
+            gen = self._cache.incr(_GEN)
+            self._sql(
+                f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?)",
+                (seg.key, seg.root, gen, text),
+            )
         return True
 
     def get(self, key: str) -> Segment | None:
@@ -168,10 +236,58 @@ class DiskStore:
                     freed = 0
                 self._cache.delete(_SEG + key)
                 self._cache.incr(_BYTES, -freed)
-                self._cache.incr(_GEN)
+                gen = self._cache.incr(_GEN)
+                self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
+                if gen % 256 == 0:
+                    self._trim_tombstones(gen - TOMBSTONE_HORIZON)
             self._cache.delete(_KV + key)
             self._cache.delete(_USE + key)
         return freed
+
+    def _trim_tombstones(self, floor: int) -> None:
+        """Drop tombstones at or below ``floor`` (in a transaction): the log starts after it."""
+        if floor <= 0:
+            return
+        self._sql(
+            f"DELETE FROM {_TABLE} WHERE segment IS NULL AND seq <= ? AND key != ''", (floor,)
+        )
+        self._sql(f"INSERT OR REPLACE INTO {_TABLE} VALUES ('', '', ?, NULL)", (floor,))
+
+    def changes(self, root: str, since: int) -> IndexDelta:
+        """What changed among ``root``'s segments after log position ``since`` (one snapshot)."""
+        try:
+            self._sql("BEGIN")  # deferred: a read snapshot, never waits for writers (WAL)
+            try:
+                (top,) = self._sql(f"SELECT MAX(seq) FROM {_TABLE}").fetchone()
+                floor = self._sql(f"SELECT seq FROM {_TABLE} WHERE key = ''").fetchone()
+                top = int(top or 0)
+                full = since < 0 or since > top or (floor is not None and since < floor[0])
+                if full:
+                    rows = self._sql(
+                        f"SELECT key, segment FROM {_TABLE} WHERE root = ? AND segment IS NOT NULL",
+                        (root,),
+                    ).fetchall()
+                else:
+                    rows = self._sql(
+                        f"SELECT key, segment FROM {_TABLE} WHERE root = ? AND seq > ? "
+                        "ORDER BY seq",
+                        (root, since),
+                    ).fetchall()
+            finally:
+                self._sql("COMMIT")
+        except (sqlite3.Error, diskcache.core.Timeout) as exc:
+            raise StoreError(f"cannot read the index of store {self.path}: {exc}") from exc
+        added = []
+        removed = []
+        for key, text in rows:
+            if text is None:
+                removed.append(key)
+                continue
+            try:
+                added.append(Segment.from_json(text))
+            except CorruptSegmentError as exc:
+                log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
+        return IndexDelta(seq=top, added=tuple(added), removed=tuple(removed), full=full)
 
     def touch(self, key: str, now: float) -> None:
         try:
@@ -264,6 +380,7 @@ class DiskStore:
         total = sum(seg.nbytes for seg in self.segments())
         self._cache.set(_BYTES, total)
         self._cache.incr(_GEN)
+        self._reindex()
         return GcReport(orphans=orphans, broken=broken, bytes_freed=freed)
 
     def close(self) -> None:

@@ -7,12 +7,15 @@ multi-key step is a single-slot script::
     {prefix}:{<segment key>}:kv:<nonce>:<i>  KV bytes, cut in parts of ``part_bytes``
 
 The indexes live under their own fixed tag ``{prefix}:{idx}:…`` (the set of segment keys, the
-byte and generation counters, hits, last use, pins, documents, locks). A put writes its parts
-with a TTL under a nonce of its own, then one script checks their lengths, makes them permanent
-and creates the meta record only if it does not exist yet: a reader that sees the meta sees
-complete parts, concurrent writers of one key never overwrite each other's bytes, and the parts
-of a write cut short expire by themselves (gc() reclaims them sooner). Values are bytes and
-JSON; nothing is ever unpickled.
+byte and generation counters, hits, last use, pins, documents, locks, and per root the change
+log that indexes follow: ``rows:<root>`` maps each segment key to its JSON, ``log:<root>`` is a
+sorted set of keys scored by the generation of their last change, ``dead:<root>`` the deleted
+ones among them until they are trimmed, ``floor:<root>`` how far back the log still reaches).
+A put writes its parts with a TTL under a nonce of its own, then one script checks their
+lengths, makes them permanent and creates the meta record only if it does not exist yet: a
+reader that sees the meta sees complete parts, concurrent writers of one key never overwrite
+each other's bytes, and the parts of a write cut short expire by themselves (gc() reclaims
+them sooner). Values are bytes and JSON; nothing is ever unpickled.
 
 A server at ``maxmemory`` (with the ``noeviction`` policy that docs/redis.md asks for) refuses
 every command that may grow memory. The store then behaves as a read-only one: reads work, a put
@@ -43,7 +46,7 @@ from redis.retry import Retry
 
 from ..errors import ConfigError, CorruptSegmentError, StoreError, StoreFullError
 from ..segment import Pin, Segment, Usage
-from .base import GcReport, StoreHealth
+from .base import GcReport, IndexDelta, StoreHealth
 from .disk import _holder_is_dead
 from .docs import decode_doc, encode_doc
 
@@ -81,6 +84,14 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.RedisClusterException,
 )
 
+#: Tombstones of deleted segments stay in a root's change log for this many log positions: an
+#: index that last looked further back than that reloads the root.
+TOMBSTONE_HORIZON = 4096
+#: Version of the change log's layout, in ``{prefix}:{idx}:index-format``.
+_INDEX_VERSION = b"1"
+#: Log positions below the dataset id (see RedisStore.generation).
+_SEQ_MASK = (1 << 48) - 1
+
 #: Scripts that must run on a full server start with this line (Redis 7 script flags).
 _ALLOW_OOM = "#!lua flags=allow-oom\n"
 
@@ -113,22 +124,94 @@ redis.call('DEL', unpack(KEYS))
 return 1
 """
 
-# KEYS: segments set, bytes, generation; ARGV: segment key, nbytes.
+# KEYS: segments set, bytes, generation, rows, log, dead, roots; ARGV: segment key, nbytes,
+# segment JSON, root.
 _INDEX_ADD = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('INCRBY', KEYS[2], ARGV[2])
-redis.call('INCR', KEYS[3])
+local seq = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('SADD', KEYS[7], ARGV[4])
 return 1
 """
 
-# KEYS: segments set, bytes, generation, hits, last use; ARGV: segment key, nbytes.
-_INDEX_REMOVE = """
+# Log a segment whose meta is published but that the root's rows lack (an upgraded store, or a
+# writer that died before indexing it): KEYS: segments set, generation, rows, log, dead, roots;
+# ARGV: segment key, segment JSON, root.
+_REINDEX = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[3])
+return 1
+"""
+
+# Tombstone a key in a root's log at position ``seq``, and now and then trim tombstones older than
+# ``horizon`` log positions. k: rows, log, dead, floor; ARGV[1]: segment key.
+_UNLOG = """
+local function unlog(k, seq, horizon)
+  redis.call('HDEL', k[1], ARGV[1])
+  redis.call('ZADD', k[2], seq, ARGV[1])
+  redis.call('ZADD', k[3], seq, ARGV[1])
+  if seq % 256 == 0 then
+    local floor = seq - horizon
+    local old = redis.call('ZRANGEBYSCORE', k[3], '-inf', floor)
+    for i = 1, #old do
+      redis.call('ZREM', k[2], old[i])
+      redis.call('ZREM', k[3], old[i])
+    end
+    if floor > tonumber(redis.call('GET', k[4]) or '0') then redis.call('SET', k[4], floor) end
+  end
+end
+"""
+
+# KEYS: segments set, bytes, generation, hits, last use [, rows, log, dead, floor]; ARGV:
+# segment key, nbytes, horizon.
+_INDEX_REMOVE = (
+    _UNLOG
+    + """
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DECRBY', KEYS[2], ARGV[2])
-redis.call('INCR', KEYS[3])
+local seq = redis.call('INCR', KEYS[3])
+if #KEYS > 5 then unlog({KEYS[6], KEYS[7], KEYS[8], KEYS[9]}, seq, tonumber(ARGV[3])) end
 return 1
+"""
+)
+
+# KEYS: generation, rows, log, dead, floor; ARGV: segment key, horizon.
+_UNINDEX = (
+    _UNLOG
+    + """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+unlog({KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, redis.call('INCR', KEYS[1]), tonumber(ARGV[2]))
+return 1
+"""
+)
+
+# Read-only. What changed in a root after log position ARGV[1], or (-1, or a position the log
+# no longer reaches) its full listing. KEYS: log, rows, floor, dataset.
+# Returns {full, top, dataset, {key, JSON or '' (deleted), ...}}.
+_CHANGES = """
+local since = tonumber(ARGV[1])
+local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or '0'
+local dataset = redis.call('GET', KEYS[4]) or ''
+if since < 0 or since < floor or since > tonumber(top) then
+  return {1, top, dataset, redis.call('HGETALL', KEYS[2])}
+end
+local out = {}
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
+  out[#out + 1] = key
+  out[#out + 1] = redis.call('HGET', KEYS[2], key) or ''
+end
+return {0, top, dataset, out}
 """
 
 # KEYS: pins, generation; ARGV: pin field.
@@ -270,7 +353,10 @@ class RedisStore:
         self._pins = idx + "pins"
         self._docs = idx + "docs"
         self._locks = idx + "lock:"
-        # KEYS of the index scripts (_INDEX_ADD takes the first three).
+        self._roots = idx + "roots"
+        self._format = idx + "index-format"
+        self._indexed = False  # whether this store's change log is known to be complete
+        # KEYS of the index scripts.
         self._index_keys = [self._segs, self._bytes, self._gen, self._hits, self._last]
         self._scripts: dict[str, Any] = {}
         self._flags_ok = True  # False on a server older than Redis 7 (no script flags)
@@ -456,7 +542,7 @@ class RedisStore:
                     self._call(lambda parts=parts: self.client.delete(*parts))
                 raise
             if published == 1:
-                self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes], allow_oom=True)
+                self._index_add(seg)
                 self._wrote()
                 return True
             self._call(lambda parts=parts: self.client.delete(*parts))
@@ -535,7 +621,16 @@ class RedisStore:
         done = self._run(_UNPUBLISH, [meta, *parts], [nonce], allow_oom=True)
         if done != 1:
             return 0  # deleted (or replaced) by someone else meanwhile
-        self._run(_INDEX_REMOVE, self._index_keys, [key, nbytes], allow_oom=True)
+        root = None
+        with suppress(CorruptSegmentError, TypeError):
+            root = Segment.from_json(text).root
+        logs = [] if root is None else self._log_keys(root)[1:]
+        self._run(
+            _INDEX_REMOVE,
+            [*self._index_keys, *logs],
+            [key, nbytes, TOMBSTONE_HORIZON],
+            allow_oom=True,
+        )
         return nbytes
 
     def touch(self, key: str, now: float) -> None:
@@ -703,15 +798,18 @@ class RedisStore:
                     self._call(self.client.delete, meta)
                 else:
                     self._run(_UNPUBLISH, [meta], [nonce], allow_oom=True)
-                self._run(_INDEX_REMOVE, self._index_keys, [seg_key, 0], allow_oom=True)
+                self._run(
+                    _INDEX_REMOVE, self._index_keys, [seg_key, 0, TOMBSTONE_HORIZON], allow_oom=True
+                )
                 broken += 1
                 continue
             found[seg_key] = (nonce.decode(), seg)
             if seg_key not in indexed:
                 # Published by a writer that died before indexing it.
-                self._run(_INDEX_ADD, self._index_keys[:3], [seg.key, seg.nbytes], allow_oom=True)
+                self._index_add(seg)
         for stale in indexed - found.keys():
             self._call(self.client.srem, self._segs, stale)
+        self._reindex({k: s for k, (_, s) in found.items()})
         orphans, freed = self._reclaim_parts(found)
         total = sum(s.nbytes for _, s in found.values())
         self._run(_RECOUNT, [self._bytes, self._gen], [total], allow_oom=True)
@@ -739,6 +837,79 @@ class RedisStore:
                 freed += int(size)
                 orphans.add((head, nonce))
         return len(orphans), freed
+
+    # the change log (see the module docstring and docs/design.md) ---------------------------
+
+    def _log_keys(self, root: str) -> list[str]:
+        """generation, rows, log, dead and floor of one root (all in the index's slot)."""
+        idx = f"{self.prefix}:{{idx}}:"
+        return [self._gen, *(f"{idx}{what}:{root}" for what in ("rows", "log", "dead", "floor"))]
+
+    def _index_add(self, seg: Segment) -> None:
+        _, rows, log_, dead, _ = self._log_keys(seg.root)
+        keys = [self._segs, self._bytes, self._gen, rows, log_, dead, self._roots]
+        self._run(_INDEX_ADD, keys, [seg.key, seg.nbytes, seg.to_json(), seg.root], allow_oom=True)
+
+    def _reindex(self, segments: dict[str, Segment]) -> None:
+        """Make every root's rows match ``segments`` (every published segment)."""
+        roots = {r.decode() for r in self._call(lambda: self.client.smembers(self._roots))}
+        roots.update(s.root for s in segments.values())
+        for root in roots:
+            gen, rows, log_, dead, floor = self._log_keys(root)
+            have = {k.decode() for k in self._call(lambda rows=rows: self.client.hkeys(rows))}
+            for key in have - segments.keys():
+                self._run(_UNINDEX, [gen, rows, log_, dead, floor], [key, TOMBSTONE_HORIZON])
+            for key, seg in segments.items():
+                if seg.root == root and key not in have:
+                    self._run(
+                        _REINDEX,
+                        [self._segs, gen, rows, log_, dead, self._roots],
+                        [key, seg.to_json(), root],
+                        allow_oom=True,
+                    )
+
+    def _ensure_indexed(self) -> None:
+        """Log the segments of a store written before the change log existed (once)."""
+        if self._indexed:
+            return
+        if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
+            with self.lock("index-upgrade", timeout=600):
+                if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
+                    self._reindex({s.key: s for s in self.segments()})
+                    self._call(lambda: self.client.set(self._format, _INDEX_VERSION))
+        self._indexed = True
+
+    def changes(self, root: str, since: int) -> IndexDelta:
+        """What changed among ``root``'s segments after ``since``: one read-only script.
+
+        Positions carry the dataset id (as :meth:`generation` does), so a server that
+        started over empty answers with the full listing.
+        """
+        self._ensure_indexed()
+        _, rows, log_, _, floor = self._log_keys(root)
+        keys = [log_, rows, floor, self._dataset]
+        raw = since & _SEQ_MASK if since >= 0 else -1
+        full, top, dataset, flat = self._run(_CHANGES, keys, [raw])
+        if not dataset:  # a server that started (over) empty: name this dataset now
+            dataset = self._run(_SET_NX, [self._dataset], [uuid.uuid4().hex], allow_oom=True)
+        tag = zlib.crc32(dataset or b"") << 48
+        if since >= 0 and since & ~_SEQ_MASK != tag and not full:
+            full, top, _, flat = self._run(_CHANGES, keys, [-1])
+        added = []
+        removed = []
+        for key, text in zip(flat[::2], flat[1::2], strict=True):
+            if not text:
+                removed.append(key.decode())
+                continue
+            try:
+                added.append(Segment.from_json(text))
+            except CorruptSegmentError as exc:
+                log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
+        if full:
+            added.sort(key=lambda s: s.start)
+        return IndexDelta(
+            seq=tag + int(top), added=tuple(added), removed=tuple(removed), full=bool(full)
+        )
 
     def _strlens(self, names: list[str]) -> list[int]:
         def run() -> list[int]:

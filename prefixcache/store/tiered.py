@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from ..errors import CorruptSegmentError, StoreError, StoreFullError
 from ..lifecycle import pinned_keys
 from ..segment import Pin, Segment, Usage, checksum_matches
-from .base import GcReport, StoreHealth
+from .base import GcReport, IndexDelta, StoreHealth
 from .disk import DiskStore
 from .redis import RedisStore, StoreUnavailableError, redact
 
@@ -295,6 +295,43 @@ class TieredStore:
             return self.local.keys()
         with self._state:
             return shared | self._local_only.keys()
+
+    def changes(self, root: str, since: int) -> IndexDelta:
+        """The remote's change log, or the local tier's during an outage.
+
+        Positions carry the tier they come from and its epoch (as :meth:`generation` does), so
+        an index follows the remote's log while it is up and is rebuilt from the other tier
+        whenever the remote goes down, comes back or the segments kept only here change.
+        """
+        for _ in range(3):
+            with self._state:
+                tag = (self._epoch << 20) + self._changes
+            inner = since % _EPOCH_STRIDE if since >= 0 and since // _EPOCH_STRIDE == tag else -1
+            delta = self._try(self.remote.changes, root, inner)
+            if delta is _MISSING:
+                delta = self.local.changes(root, inner)
+            with self._state:
+                switched = (self._epoch << 20) + self._changes != tag
+                local_only = list(self._local_only)
+            if not switched:
+                break
+            # The tier switched during the call: only a full listing can be trusted, and
+            # its position belongs to no tier (the next call lists again).
+            if delta.full:
+                tag = -1
+                break
+            since = -1
+        added = delta.added
+        if delta.full and local_only:
+            have = {s.key for s in added}
+            extra = [s for k in local_only if k not in have and (s := self.local.get(k))]
+            added = added + tuple(s for s in extra if s.root == root)
+        return IndexDelta(
+            seq=-1 if tag < 0 else tag * _EPOCH_STRIDE + delta.seq,
+            added=added,
+            removed=delta.removed,
+            full=delta.full,
+        )
 
     def segments(self) -> Iterator[Segment]:
         shared = self._try(lambda: list(self.remote.segments()))
