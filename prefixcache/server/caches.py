@@ -256,7 +256,9 @@ def _parse_recipe(recipe: str | dict[str, Any], name: str | None) -> Recipe:
         if name is not None and own is not None and own != name:
             raise APIError(400, f"the recipe is named {own!r}, not {name!r}", param="name")
         name = name or own
-    name = _name(name if isinstance(name, str) or name is None else str(name))
+        name = _name(name if isinstance(name, str) or name is None else str(name))
+    else:
+        name = "recipe"  # not a mapping: load_recipe says what is wrong, and on which line
     with tempfile.TemporaryDirectory(prefix="prefixcache-http-recipe-") as folder:
         path = Path(folder) / f"{name}.yaml"
         path.write_text(text, encoding="utf-8")
@@ -268,6 +270,8 @@ def _parse_recipe(recipe: str | dict[str, Any], name: str | None) -> Recipe:
 
 
 def _describe(row: store_status.PinRow, read_only: bool, now: float) -> dict[str, Any]:
+    # An unpinned cache never expires: its segments are ordinary LRU entries.
+    ttl = row.ttl_left_s if row.pinned else None
     return {
         "object": "cache",
         "name": row.name,
@@ -276,8 +280,8 @@ def _describe(row: store_status.PinRow, read_only: bool, now: float) -> dict[str
         "bytes": row.bytes,
         "segments": row.segments,
         "pinned": row.pinned,
-        "ttl_left_s": None if row.ttl_left_s is None else round(row.ttl_left_s, 1),
-        "expires_at": None if row.ttl_left_s is None else int(now + row.ttl_left_s),
+        "ttl_left_s": None if ttl is None else round(ttl, 1),
+        "expires_at": None if ttl is None else int(now + ttl),
         "hits": row.hits,
         "last_used": row.last_used,
         "stored": row.stored,
