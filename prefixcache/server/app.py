@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..explain import DIVERGED_IN_PIN
-from . import caches, responses
+from . import caches, messages, responses
 from .core import DEFAULT_MAX_TOKENS_CAP, DEFAULT_WATCH_INTERVAL, Server, ServerConfig
 from .schema import APIError, ChatRequest, CompletionRequest, api_error
 from .worker import ClientGone, ModelWorker, capped, collect_call, stream_call
@@ -367,6 +367,7 @@ def create_app(server: Server) -> FastAPI:
 
     responses.add_routes(app, server)
     caches.add_routes(app, server)
+    messages.add_routes(app, server)
     return app
 
 
