@@ -25,8 +25,11 @@ import llama_cpp
 import pytest
 from conftest import N_CTX
 
+from prefixcache.errors import PromptTooLongError
 from prefixcache.lifecycle import enforce_quota, pinned_keys
 from prefixcache.radix import common_prefix_length
+from prefixcache.server.messages import MAX_BODY_BYTES, anthropic_error
+from prefixcache.server.schema import Overloaded
 from prefixcache.store import open_store
 from prefixcache.template import ChatTemplate
 
@@ -473,3 +476,25 @@ def test_a_breakpoint_pin_expires_after_its_ttl_and_is_then_evicted_like_any_seg
     assert rewritten["usage"]["cache_read_input_tokens"] == 0
     assert rewritten["usage"]["cache_creation_input_tokens"] == pinned
     store.close()
+
+
+def test_errors_take_anthropic_shapes_and_status_codes(served: Served) -> None:
+    busy = anthropic_error(Overloaded(3, 9))  # a full queue is Anthropic's "overloaded"
+    assert busy.status == 529 and busy.headers == {"Retry-After": "3"}
+    assert busy.body() == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": busy.message},
+    }
+    too_long = anthropic_error(PromptTooLongError(5000, 2048, "prompt plus max_tokens"))
+    assert (too_long.status, too_long.kind) == (400, "invalid_request_error")
+    huge = httpx.post(
+        served.url + "/v1/messages",
+        content=b" " * (MAX_BODY_BYTES + 1),
+        headers={"x-api-key": KEYS[0], "content-type": "application/json"},
+        timeout=60,
+    )
+    assert huge.status_code == 413
+    assert huge.json()["error"]["type"] == "request_too_large"
+    long = [{"role": "user", "content": "timber " * N_CTX}]
+    over = served.post({"model": MODEL_ID, "max_tokens": 4, "messages": long})
+    assert over.status_code == 400 and "context" in over.json()["error"]["message"]

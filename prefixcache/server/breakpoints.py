@@ -152,10 +152,16 @@ def pin_breakpoints(
         n = boundary(cache.template, request, mark, full)
         if n is not None and (n not in ends or TTLS[mark.ttl] > TTLS[ends[n]]):
             ends[n] = mark.ttl
+    ends_names = {pin_name(full[:n]) for n in ends}
     written = Written()
     if not ends:
         return written
     pins = {p.name: p for p in cache.pins(namespace)}
+    for pin in pins.values():
+        # An expired breakpoint pin protects nothing: drop its record (its segments are
+        # ordinary LRU entries either way), so that an agent's pins do not pile up.
+        if pin.source == PIN_SOURCE and pin.expired(time.time()) and pin.name not in ends_names:
+            cache.unpin(pin.name, namespace=namespace)
     for n in sorted(ends):
         ttl = ends[n]
         tokens = full[:n]
