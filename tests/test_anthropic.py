@@ -498,3 +498,35 @@ def test_errors_take_anthropic_shapes_and_status_codes(served: Served) -> None:
     long = [{"role": "user", "content": "timber " * N_CTX}]
     over = served.post({"model": MODEL_ID, "max_tokens": 4, "messages": long})
     assert over.status_code == 400 and "context" in over.json()["error"]["message"]
+
+
+def test_a_breakpoint_inside_a_message_pins_up_to_the_end_of_its_block(
+    served: Served, template: ChatTemplate
+) -> None:
+    store = open_store(served.store)
+    notes = "Store notes: the timber saw is serviced on Mondays and closed for an hour at noon."
+
+    def ask(question: str) -> dict[str, Any]:
+        marked = {"type": "text", "text": notes, "cache_control": {"type": "ephemeral"}}
+        content = [marked, {"type": "text", "text": question}]
+        return {
+            "model": MODEL_ID,
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": content}],
+        }
+
+    first = served.post(ask("Can I get timber cut on Monday?"), key=KEYS[7]).json()
+    tokens1 = template.tokens(
+        [{"role": "user", "content": notes + "\n\nCan I get timber cut on Monday?"}]
+    )
+    written = first["usage"]["cache_creation_input_tokens"]
+    assert first["usage"]["cache_read_input_tokens"] == 0
+    assert first["usage"]["input_tokens"] == len(tokens1) - written
+    # The pinned prefix ends with the marked block: all of its text, none of the next block's.
+    assert any(p.source == "cache_control" and p.n_tokens == written for p in store.pins())
+    prefix = template.detokenize(tokens1[:written])
+    assert prefix.rstrip().endswith(notes) and "Monday?" not in prefix
+    second = served.post(ask("Is the saw serviced today?"), key=KEYS[7]).json()
+    assert second["usage"]["cache_creation_input_tokens"] == 0
+    assert second["usage"]["cache_read_input_tokens"] >= written
+    store.close()
