@@ -19,6 +19,7 @@ from typing import Any
 import llama_cpp
 
 from . import checkpoint, config, generate
+from .ahead import ReplyPrefill
 from .calibration import Calibration
 from .catalog import Catalog, Known
 from .errors import (
@@ -164,6 +165,8 @@ class PrefixCache:
         self.quota_bytes = None if quota_gb is None else int(quota_gb * 1e9)
         self.segment_tokens = self.kv.memory.segment_tokens(segment_tokens)
         self._stats = Stats()
+        #: Replies prefilled in the background for the next turn (see prefixcache.ahead).
+        self.ahead = ReplyPrefill(self)
         self._reported: set[tuple[str, type]] = set()
         self.integrity = Integrity.from_config(store_key)
         # The memo of model-file digests decides the fingerprint: with a store key it is sealed
@@ -417,6 +420,7 @@ class PrefixCache:
             tokens = self.template.tokens(messages, tools)
             prepared = self._prepare(tokens, ns)
             self._count(prepared)
+            self.ahead.started(ns, prepared)
             return prepared
 
     def _count(self, prepared: Prepared) -> None:
@@ -623,6 +627,7 @@ class PrefixCache:
         namespace: str | None = None,
         autosave: bool | None = None,
         tool_parser: str | ToolParser | None = None,
+        prefill_replies: bool = True,
         **kwargs: Any,
     ) -> Any:
         """An OpenAI-shaped chat completion that starts from the longest stored prefix.
@@ -638,6 +643,10 @@ class PrefixCache:
         iterator of chunks is returned (tool calls as ``delta.tool_calls``); pass
         ``stream_options={"include_usage": True}`` for a final usage chunk.
 
+        ``prefill_replies``: once the reply is made (a stream: read to its end), prefill the
+        next turn's prefix, this conversation with the reply, in the background while the
+        model is idle, so that the next turn prefills only its new messages (see
+        :meth:`prefill_ahead`).
         """
         return generate.chat(
             self,
@@ -647,8 +656,37 @@ class PrefixCache:
             namespace=namespace,
             autosave=autosave,
             tool_parser=tool_parser,
+            prefill_replies=prefill_replies,
             kwargs=kwargs,
         )
+
+    def prefill_ahead(
+        self,
+        messages: Sequence[Message],
+        reply: Message,
+        *,
+        tools: Tools = None,
+        namespace: str | None = None,
+    ) -> int:
+        """Prefill in the background what the next turn's prompt begins with: ``messages``, the
+        assistant's ``reply`` and the tokens up to where the next message starts, whatever it is.
+
+        ``chat()`` does this itself after each reply (``prefill_replies``). The work is done
+        while the model is idle, gives the model back between micro-batches as soon as a call
+        wants it (keeping what it did), and its KV is what a cold run computes; it is stored as
+        autosave stores a prompt. Returns the prefix's length in tokens at once; :meth:`idle`
+        waits for the work. Raises TemplateError when the template leaves no stable boundary
+        after the reply.
+        """
+        ns = self.namespace if namespace is None else namespace
+        prefix = self.template.prefix_tokens([*messages, reply], tools)
+        prompt = self.template.tokens(messages, tools)
+        self.ahead.schedule(messages, reply, tools, ns, prompt, save=self.autosave, tokens=prefix)
+        return len(prefix)
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until no reply is being prefilled ahead or waiting to be; False on timeout."""
+        return self.ahead.idle(timeout)
 
     def complete(
         self,
@@ -728,6 +766,7 @@ class PrefixCache:
         s["time_saved_s"] = max(0.0, saved)
         s["prefill_tokens_per_s"] = rate
         s["restore_bytes_per_s"] = self.calibration.restore_bytes_per_s
+        s.update(self.ahead.stats())
         return s
 
     def _save_calibration(self) -> None:
@@ -761,6 +800,7 @@ class PrefixCache:
 
     def close(self) -> None:
         """Save the calibration, close the store and, if :meth:`open` loaded it, the model."""
+        self.ahead.close()
         with self._lock:
             if self._closed:
                 return

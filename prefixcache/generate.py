@@ -5,7 +5,8 @@ llama-cpp-python evaluate the rest and generate, reports ``cached_tokens`` in ``
 autosaves the prompt. Chat calls go through :mod:`prefixcache.request` first (what OpenAI clients
 send, checked once), get a grammar when a call or a JSON reply is required
 (:mod:`prefixcache.tools.grammar`), and have the tool calls in their reply parsed into
-``tool_calls`` (:mod:`prefixcache.tools.reply`), streamed or not.
+``tool_calls`` (:mod:`prefixcache.tools.reply`), streamed or not. A chat's reply is then handed
+to :mod:`prefixcache.ahead`, which prefills the next turn's prefix while the model is idle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from .errors import PromptTooLongError
 from .request import ChatCall, RequestError, normalise_chat
-from .stream import Stream
+from .stream import ModelLock, Stream
 from .template import Message
 from .tools import ChunkParser, ToolParser, call_grammar, get_parser, parse_completion
 from .tools import response_grammar as _response_grammar
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 #: ``start()`` of a call: the prompt's tokens, and the function that runs the llama-cpp-python
 #: call with the keyword arguments.
 Start = Callable[[], tuple[list[int], Callable[..., Any]]]
+#: ``follow(namespace, save, prepared, reply)``: run under the model lock once a call's reply
+#: (an assistant message) is complete.
+Follow = Callable[[str, bool, "Prepared", dict[str, Any]], None]
 
 
 @dataclass
@@ -49,7 +53,7 @@ class CallStream(Stream):
     def __init__(
         self,
         body: Callable[[threading.Event], Iterator[dict[str, Any]]],
-        lock: threading.RLock,
+        lock: ModelLock,
         restore: _Restore,
     ):
         # The producer writes to ``restore``, never to the stream: a dropped stream stays
@@ -91,6 +95,7 @@ def chat(
     autosave: bool | None,
     tool_parser: str | ToolParser | None,
     kwargs: dict[str, Any],
+    prefill_replies: bool = True,
 ) -> Any:
     """See :meth:`PrefixCache.chat`."""
     call = normalise_chat(messages, tools, **kwargs)
@@ -115,8 +120,19 @@ def chat(
 
         return tokens, run
 
+    def follow(ns: str, save: bool, prepared: Prepared, reply: dict[str, Any]) -> None:
+        cache.ahead.schedule(call.messages, reply, call.tools, ns, prepared.tokens, save=save)
+
     return generate(
-        cache, start, "chat.completion.chunk", stream, namespace, autosave, options, parse
+        cache,
+        start,
+        "chat.completion.chunk",
+        stream,
+        namespace,
+        autosave,
+        options,
+        parse,
+        follow if prefill_replies else None,
     )
 
 
@@ -151,11 +167,13 @@ def generate(
     autosave: bool | None,
     kwargs: dict[str, Any],
     parser: ToolParser | None = None,
+    follow: Follow | None = None,
 ) -> Any:
     """Run one call: restore, let llama-cpp-python evaluate the suffix and generate, autosave.
 
     ``start()`` is called under the model lock. With a ``parser`` the reply's tool calls are
-    moved into ``tool_calls`` (``delta.tool_calls`` when streaming).
+    moved into ``tool_calls`` (``delta.tool_calls`` when streaming). ``follow`` is given the
+    reply of a chat call that ran to its end.
     """
     ns = cache.namespace if namespace is None else namespace
     save = cache.autosave if autosave is None else autosave
@@ -166,7 +184,17 @@ def generate(
 
         def body(cancel: threading.Event) -> Iterator[dict[str, Any]]:
             return _stream_chunks(
-                cache, start, chunk_object, ns, save, kwargs, include_usage, cancel, parser, restore
+                cache,
+                start,
+                chunk_object,
+                ns,
+                save,
+                kwargs,
+                include_usage,
+                cancel,
+                parser,
+                restore,
+                follow,
             )
 
         return CallStream(body, cache._lock, restore)
@@ -182,6 +210,8 @@ def generate(
             cache._autosave(ns, prepared)
         if parser is not None:
             result = parse_completion(result, parser)
+        if follow is not None:
+            follow(ns, save, prepared, result["choices"][0]["message"])
         return result
 
 
@@ -194,6 +224,7 @@ def _prepare_call(
         raise PromptTooLongError(len(tokens) + extra, cache.kv.n_ctx, "prompt plus max_tokens")
     prepared = cache._prepare(tokens, ns, extra)
     cache._count(prepared)
+    cache.ahead.started(ns, prepared)
     return prepared
 
 
@@ -219,6 +250,7 @@ def _stream_chunks(
     cancel: threading.Event,
     parser: ToolParser | None,
     restore: _Restore,
+    follow: Follow | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The body of a streaming call; runs under the model lock on the Stream's thread."""
     tokens, call = start()
@@ -227,12 +259,15 @@ def _stream_chunks(
     n_chunks = 0
     last: dict[str, Any] = {}
     rewriter = ChunkParser(parser) if parser is not None else None
+    text: list[str] = []
     chunks = call(stream=True, **kwargs)
     try:
         for chunk in chunks:
             choices = chunk.get("choices") or [{}]
-            if choices[0].get("text") or choices[0].get("delta", {}).get("content"):
+            piece = choices[0].get("text") or choices[0].get("delta", {}).get("content")
+            if piece:
                 n_chunks += 1
+                text.append(piece)
             last = chunk
             if rewriter is None:
                 yield chunk
@@ -245,6 +280,13 @@ def _stream_chunks(
     _after_call(cache, prepared, time.perf_counter() - t0, n_chunks)
     if save:
         cache._autosave(ns, prepared)
+    if follow is not None and not cancel.is_set():
+        reply = (
+            rewriter.reply.message()
+            if rewriter is not None
+            else {"role": "assistant", "content": "".join(text)}
+        )
+        follow(ns, save, prepared, reply)
     if include_usage and not cancel.is_set():
         yield {
             "id": last.get("id", ""),

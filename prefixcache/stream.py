@@ -6,6 +6,10 @@ over through a queue. The lock's owner is therefore never in doubt, whatever thr
 closes the iterator (Starlette's ``iterate_in_threadpool``, ``run_in_executor``), and a stream
 dropped without ``close()`` stops at its next token once it is garbage-collected, or runs to
 ``max_tokens`` without waiting for a reader: it never holds the model waiting on its consumer.
+
+Every call takes the model's :class:`ModelLock`, which also knows whether a call is waiting for it,
+so that background work (replies prefilled ahead, :mod:`prefixcache.ahead`) yields it between
+micro-batches as soon as real work wants the model.
 """
 
 from __future__ import annotations
@@ -24,12 +28,84 @@ Chunk = dict[str, Any]
 _LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(llm: llama_cpp.Llama) -> threading.RLock:
+class ModelLock:
+    """A re-entrant lock that serialises the calls on one model and knows who wants it.
+
+    Used as ``with lock:`` by every call. Background work takes it with :meth:`acquire_idle`
+    instead, only when no call holds it or waits for it, and gives it back as soon as
+    :attr:`wanted` says a call is waiting.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # calls blocked in acquire() (guarded by _cond)
+        self._depth = 0  # re-entrant depth of the owner (changed only by the owner)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._cond:
+            self._waiting += 1
+        try:
+            ok = self._lock.acquire(blocking, timeout)
+        finally:
+            with self._cond:
+                self._waiting -= 1
+        if ok:
+            self._depth += 1
+        return ok
+
+    def release(self) -> None:
+        self._depth -= 1
+        free = self._depth == 0
+        try:
+            self._lock.release()
+        except RuntimeError:  # not the owner: nothing was released
+            self._depth += 1
+            raise
+        if free:
+            self.notify()
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a call is waiting for the lock (background work should give it back)."""
+        return self._waiting > 0
+
+    def notify(self) -> None:
+        """Wake :meth:`acquire_idle` to look again (the lock is free, or its condition changed)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def acquire_idle(
+        self, ready: Callable[[], bool], stop: Callable[[], bool], poll: float = 0.1
+    ) -> bool:
+        """Take the lock for background work once no call holds it or waits for it and
+        ``ready()`` is true; False (the lock not taken) as soon as ``stop()`` is true.
+
+        ``ready`` and ``stop`` are checked again on every :meth:`notify` and every ``poll``
+        seconds; they must be quick and must not take this lock.
+        """
+        with self._cond:
+            while not stop():
+                if self._waiting == 0 and ready() and self._lock.acquire(blocking=False):
+                    self._depth += 1
+                    return True
+                self._cond.wait(poll)
+        return False
+
+
+def model_lock(llm: llama_cpp.Llama) -> ModelLock:
     """The lock that serialises every prefixcache call on ``llm``, created once per Llama."""
     with _LOCKS_GUARD:
         lock = getattr(llm, "_prefixcache_lock", None)
         if lock is None:
-            lock = threading.RLock()
+            lock = ModelLock()
             llm._prefixcache_lock = lock  # type: ignore[attr-defined]
         return lock
 
@@ -45,7 +121,7 @@ class _Failed:
 
 def _produce(
     body: Callable[[threading.Event], Iterator[Chunk]],
-    lock: threading.RLock,
+    lock: ModelLock,
     out: queue.SimpleQueue[Any],
     cancel: threading.Event,
 ) -> None:
@@ -70,7 +146,7 @@ class Stream(Iterator[Chunk]):
     def __init__(
         self,
         body: Callable[[threading.Event], Iterator[Chunk]],
-        lock: threading.RLock,
+        lock: ModelLock,
         name: str = "prefixcache-stream",
     ):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -111,4 +187,4 @@ class Stream(Iterator[Chunk]):
         self.close()
 
 
-__all__ = ["Stream", "model_lock"]
+__all__ = ["ModelLock", "Stream", "model_lock"]

@@ -6,7 +6,8 @@ loop never waits for llama.cpp, and refuses calls beyond its queue bound with HT
 closed there) and passes its chunks to the event loop through a queue. Every call streams, even
 one whose client asked for a single response (:func:`collect_call` assembles it), so that a
 client that goes away, or gives up waiting, frees the model at the next token: a server shared
-by agents cannot be wedged by one that abandoned a long request.
+by agents cannot be wedged by one that abandoned a long request. A model prefills the replies it
+gave ahead of their next turn (:mod:`prefixcache.ahead`) only while its queue is empty.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class ModelWorker:
 
     At most ``max_queue`` calls wait behind the running one; more are refused with
     :class:`Overloaded`, whose Retry-After estimate comes from the measured call times. A closed
-    worker (its model unloaded by a reload) refuses new calls with 404.
+    worker (its model unloaded by a reload) refuses new calls with 404. Replies are prefilled
+    ahead only while no call runs or waits: a call queued here makes that work give the model
+    back after its current micro-batch.
     """
 
     def __init__(self, model_id: str, cache: PrefixCache, max_queue: int):
@@ -49,6 +52,10 @@ class ModelWorker:
         self._call_seconds = 1.0
         self._closed = False
         self.busy_refusals = 0
+        cache.ahead.ready = self._queue_empty
+
+    def _queue_empty(self) -> bool:
+        return self._pending == 0
 
     @property
     def pending(self) -> int:
@@ -86,6 +93,9 @@ class ModelWorker:
                     self._pending -= 1
                     if admit:
                         self._call_seconds = 0.7 * self._call_seconds + 0.3 * spent
+                    empty = self._pending == 0
+                if empty:
+                    self.cache.ahead.wake()
 
         return self._executor.submit(timed)
 
