@@ -126,7 +126,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @dataclass
-class Server:
+class LiveServer:
     """A ``prefixcache serve`` subprocess: its base URL, log and the tokens each recipe pinned."""
 
     url: str
@@ -144,12 +144,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LiveServer]]:
     """Start ``prefixcache serve`` on the test model, a fresh store and ``recipes`` (a folder),
     with extra CLI arguments; every server started is stopped at the end of the module."""
-    started: list[Server] = []
+    started: list[LiveServer] = []
 
-    def start(recipes: Path, *args: str) -> Server:
+    def start(recipes: Path, *args: str) -> LiveServer:
         tmp = tmp_path_factory.mktemp("served")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -160,7 +160,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         cmd += ["--watch-interval", "0", *args]
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        server = Server(f"http://127.0.0.1:{port}", log, proc)
+        server = LiveServer(f"http://127.0.0.1:{port}", log, proc)
         started.append(server)
         deadline = time.monotonic() + 180
         while True:

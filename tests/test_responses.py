@@ -178,6 +178,23 @@ def test_a_function_call_and_its_output_run_as_the_chat_endpoint_runs_them(clien
     assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
 
 
+def test_text_format_json_schema_gives_the_schema_s_object(client):
+    schema = {
+        "type": "object",
+        "properties": {"sku": {"type": "string"}, "units": {"type": "integer"}},
+        "required": ["sku", "units"],
+    }
+    reply = client.responses.create(
+        model=MODEL,
+        instructions=INSTRUCTIONS,
+        input="SKU H-200 has 14 units. Extract the stock record.",
+        text={"format": {"type": "json_schema", "name": "stock", "schema": schema}},
+        max_output_tokens=48,
+        temperature=0,
+    )
+    assert json.loads(reply.output_text) == {"sku": "H-200", "units": 14}
+
+
 def test_previous_response_id_continues_the_stored_conversation(client):
     first = client.responses.create(
         model=MODEL,
