@@ -166,6 +166,13 @@ class ReplyPrefill:
                     self._remembered.remove(job)
             self._changed.notify_all()
 
+    def drop(self) -> None:
+        """Forget the replies waiting to be prefilled (the caller holds the model lock, so none
+        is being prefilled): the model is about to be used directly, without the lock."""
+        with self._mutex:
+            self._jobs.clear()
+            self._changed.notify_all()
+
     def wake(self) -> None:
         """Look again whether the model is free (``ready`` may have changed)."""
         self._lock.notify()

@@ -414,6 +414,7 @@ class PrefixCache:
 
         A plain ``llm.create_chat_completion(messages)`` afterwards evaluates only the suffix
         (the Llama must use the model's own template: ``chat_format="chat_template.default"``).
+        Replies waiting to be prefilled ahead are dropped: the Llama is the caller's now.
         """
         ns = self.namespace if namespace is None else namespace
         with self._lock:
@@ -421,6 +422,7 @@ class PrefixCache:
             prepared = self._prepare(tokens, ns)
             self._count(prepared)
             self.ahead.started(ns, prepared)
+            self.ahead.drop()
             return prepared
 
     def _count(self, prepared: Prepared) -> None:
@@ -646,7 +648,8 @@ class PrefixCache:
         ``prefill_replies``: once the reply is made (a stream: read to its end), prefill the
         next turn's prefix, this conversation with the reply, in the background while the
         model is idle, so that the next turn prefills only its new messages (see
-        :meth:`prefill_ahead`).
+        :meth:`prefill_ahead`). The Llama is then busy until :meth:`idle`: use it through this
+        cache (or :meth:`prepare`), not directly, and read no logits it left before that.
         """
         return generate.chat(
             self,

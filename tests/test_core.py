@@ -63,7 +63,8 @@ def test_logits_are_bit_identical_to_cold_at_every_batch_boundary(open_cache, mo
     for k in range(20):
         messages = [system, {"role": "user", "content": "Tell me about " + "oak " * k}]
         for attempt in ("first", "repeat"):
-            cache.chat(messages, max_tokens=1, temperature=0)
+            # (Nothing prefilled ahead afterwards: it would overwrite the logits read here.)
+            cache.chat(messages, max_tokens=1, temperature=0, prefill_replies=False)
             warm = last_logits(cache.llm)
             cold.reset()
             cold.create_chat_completion(messages=messages, max_tokens=1, temperature=0)
