@@ -275,6 +275,13 @@ def test_stop_sequences_cut_the_reply_as_a_cold_run_does(
     assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == "3"
     assert reply.content[0].type == "text"
     assert reply.content[0].text == cold_reply(messages, max_tokens=16, stop=["3"])
+    with client.messages.stream(
+        model=MODEL_ID, max_tokens=16, stop_sequences=["3"], messages=messages, extra_body=GREEDY
+    ) as stream:
+        texts = [event.text for event in stream if event.type == "text"]
+        streamed = stream.get_final_message()
+    assert "".join(texts) == reply.content[0].text and len(texts) > 1
+    assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", "3")
     free = client.messages.create(
         model=MODEL_ID,
         max_tokens=40,
