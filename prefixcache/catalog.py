@@ -37,6 +37,9 @@ class Known:
     index: RadixIndex = field(default_factory=RadixIndex)
     segments: dict[str, Segment] = field(default_factory=dict)
     seq: int = -1  # position in the store's change log this index reflects (-1: none yet)
+    #: Stored segments whose parent is not indexed (deleted or not seen yet), by parent key:
+    #: indexed as soon as their parent is (a parent stored again brings its chain back).
+    waiting: dict[str, dict[str, Segment]] = field(default_factory=dict)
 
 
 class Catalog:
@@ -104,7 +107,7 @@ class Catalog:
         while len(self._known) > MAX_NAMESPACES:
             del self._known[next(iter(self._known))]
         for key in delta.removed:
-            self.forget(known, key)
+            self._removed(known, key)
         new = [
             s
             for s in delta.added
@@ -113,15 +116,40 @@ class Catalog:
         if len(new) > 1:
             new.sort(key=lambda s: s.start)
         for seg in new:
-            parent = None if seg.parent == root else seg.parent
-            if parent is not None and parent not in known.index:
-                continue  # its parent is gone or refused: unreachable here
-            known.index.insert(seg.key, parent, seg.tokens)
-            known.segments[seg.key] = seg
+            self._insert(known, root, seg)
         known.seq = delta.seq
         if not known.segments and not self._explained:
             self._explain_miss(self.store.keys(), known)
         return known
+
+    @staticmethod
+    def _removed(known: Known, key: str) -> None:
+        """A segment left the store: drop it; its descendants wait for it to come back."""
+        for waiting in known.waiting.values():  # rare: only while some chain has a hole
+            waiting.pop(key, None)
+        if key not in known.index:
+            known.segments.pop(key, None)
+            return
+        orphans = [known.segments[k] for k in known.index.descendants(key)]
+        for k in [*(s.key for s in orphans), key]:
+            known.index.remove(k)
+            known.segments.pop(k, None)
+        for s in orphans:
+            known.waiting.setdefault(s.parent, {})[s.key] = s
+
+    @staticmethod
+    def _insert(known: Known, root: str, seg: Segment) -> None:
+        """Index a segment, and whatever waited for it; park it if its parent is not indexed."""
+        todo = [seg]
+        while todo:
+            s = todo.pop()
+            parent = None if s.parent == root else s.parent
+            if parent is not None and parent not in known.index:
+                known.waiting.setdefault(s.parent, {})[s.key] = s
+                continue
+            known.index.insert(s.key, parent, s.tokens)
+            known.segments[s.key] = s
+            todo.extend(known.waiting.pop(s.key, {}).values())
 
     def add(self, known: Known, seg: Segment) -> None:
         """Index a segment this process has just written."""

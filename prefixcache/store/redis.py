@@ -846,6 +846,7 @@ class RedisStore:
         return [self._gen, *(f"{idx}{what}:{root}" for what in ("rows", "log", "dead", "floor"))]
 
     def _index_add(self, seg: Segment) -> None:
+        self._ensure_indexed()  # the first write to a new store marks its log complete
         _, rows, log_, dead, _ = self._log_keys(seg.root)
         keys = [self._segs, self._bytes, self._gen, rows, log_, dead, self._roots]
         self._run(_INDEX_ADD, keys, [seg.key, seg.nbytes, seg.to_json(), seg.root], allow_oom=True)
