@@ -104,6 +104,14 @@ class _Collector:
                 "Intact segments not restorable here (refused by llama.cpp or not authenticated)",
             ),
             "store_errors": ("store_errors", "Store failures a call survived (reply still sent)"),
+            "reply_prefill_tokens": (
+                "reply_prefill_tokens",
+                "Reply tokens prefilled in the background, ahead of their next turn",
+            ),
+            "reply_prefill_reused_tokens": (
+                "reply_prefill_reused_tokens",
+                "Tokens prefilled ahead that a next turn reused instead of prefilling them",
+            ),
         }
         stats = {w.id: w.cache.stats() for w in workers}
         for key, (name, doc) in counters.items():
