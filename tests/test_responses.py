@@ -255,6 +255,7 @@ def test_previous_response_id_continues_the_stored_conversation(client):
             "input[0].call_id",
         ),
         ({"input": "Hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
+        ({"input": "Hi", "conversation": "conv_1"}, "conversation"),
     ],
 )
 def test_unsupported_input_is_a_400_naming_the_field(served, body, param):

@@ -58,6 +58,24 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, Any] | None = None
+    #: OpenAI-side state this server does not have: refused, not ignored (see :meth:`check`).
+    conversation: Any = None
+    prompt: Any = None
+
+    def check(self) -> None:
+        """Refuse what would be silently wrong if ignored."""
+        if self.conversation is not None:
+            raise RequestError(
+                "conversation objects are not supported here; continue a conversation with "
+                "previous_response_id, or send its items as input",
+                "conversation",
+            )
+        if self.prompt is not None:
+            raise RequestError(
+                "stored prompt templates (prompt) are not supported here; send instructions "
+                "and input",
+                "prompt",
+            )
 
     def chat_tools(self) -> list[dict[str, Any]] | None:
         """Function tools in the chat shape (``{"type": "function", "function": {...}}``)."""
@@ -214,6 +232,7 @@ def _arguments(item: Mapping[str, Any], at: str) -> str:
 def chat_call(body: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCall:
     """The chat request a Responses request runs as: instructions, the stored conversation of
     ``previous_response_id`` (``history``), then the new input; checked as a chat request."""
+    body.check()
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = [*system, *history, *input_messages(body.input)]
     kwargs = body.llama_kwargs()
