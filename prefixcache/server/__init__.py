@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server with the prefix cache built in.
 
 ``prefixcache serve`` gives agent frameworks that speak the OpenAI API pinned-prefix speed without
-code changes: ``/v1/chat/completions`` and ``/v1/completions`` (streaming or not),
-``/v1/models``, ``/health`` and ``/metrics`` (Prometheus text). Each model is a
+code changes: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/responses`` (streaming or
+not), named caches per tenant (``/v1/caches``), ``/v1/models``, ``/health`` and ``/metrics``
+(Prometheus text). Each model is a
 :class:`ModelWorker`: a :class:`~prefixcache.PrefixCache` and one thread that runs its calls one
 at a time behind a bounded queue (HTTP 429 with Retry-After beyond it). Recipes are prewarmed
 before the server listens, and again on SIGHUP or when a recipe or an included file changes;
@@ -13,7 +14,8 @@ restore (or time) each other's cached prefixes; the recipes are pinned in every 
 
 Modules: ``schema`` (request bodies and OpenAI-shaped errors), ``auth`` (API keys), ``worker``
 (a model's queue and streaming), ``reload`` (watching recipe files, stale pins), ``core`` (the
-server's state), ``app`` (routes, metrics, ``serve``).
+server's state), ``app`` (routes, metrics, ``serve``), ``responses`` and ``response_events``
+(the Responses API), ``caches`` (``/v1/caches``), ``apimetrics`` (cache reads and writes per API).
 """
 
 from __future__ import annotations
