@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from conftest import N_CTX, SYSTEM, ask
+
+from prefixcache.server.response_events import ResponseMemory, StoredResponse
 
 INSTRUCTIONS = str(SYSTEM["content"])
 MODEL = "shop"
@@ -333,3 +336,20 @@ def test_agents_sdk_default_responses_model_runs_a_tool(served):
     first, then = sent[0][1], sent[1][1]
     assert first["input_tokens_details"]["cached_tokens"] >= served.pinned()[MODEL]
     assert then["input_tokens_details"]["cached_tokens"] >= first["input_tokens"]
+
+
+def test_stored_responses_are_bounded_per_tenant_and_expire():
+    memory = ResponseMemory(per_tenant=2, seconds=0.5)
+
+    def put(ns: str, rid: str) -> None:
+        memory.put(ns, StoredResponse({"id": rid}, [{"role": "user", "content": rid}]))
+
+    for rid in ("a", "b", "c"):
+        put("alpha", rid)
+    put("beta", "a")
+    assert memory.get("alpha", "a") is None  # the oldest went first
+    assert [memory.get("alpha", r) is not None for r in ("b", "c")] == [True, True]
+    assert memory.get("beta", "b") is None and memory.get("beta", "a") is not None
+    assert memory.delete("alpha", "b") and not memory.delete("alpha", "b")
+    time.sleep(0.6)
+    assert memory.get("alpha", "c") is None and memory.get("beta", "a") is None
