@@ -229,7 +229,7 @@ def test_a_tool_loop_answers_from_the_tool_result(
         system=SYSTEM,
         tools=[TOOL],
         tool_choice={"type": "none"},
-        messages=history,  # type: ignore[arg-type]
+        messages=history,
         extra_body=GREEDY,
     )
     assert answer.stop_reason in ("end_turn", "max_tokens")
@@ -240,7 +240,7 @@ def test_a_tool_loop_answers_from_the_tool_result(
         "function": {"name": TOOL["name"], "parameters": TOOL["input_schema"]},
     }
     tool["function"]["description"] = TOOL["description"]
-    arguments = json.dumps({"sku": use.input["sku"]})  # type: ignore[index]
+    arguments = json.dumps({"sku": use.input["sku"]})
     openai = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": question["content"]},
@@ -424,9 +424,9 @@ def test_malformed_requests_get_anthropic_errors(
 
 def test_keys_are_checked_and_thinking_blocks_are_ignored(served: Served) -> None:
     with pytest.raises(anthropic.AuthenticationError) as wrong:
-        served.client("not-a-key").messages.create(model=MODEL_ID, max_tokens=1, messages=_USER)  # type: ignore[arg-type]
+        served.client("not-a-key").messages.create(model=MODEL_ID, max_tokens=1, messages=_USER)
     assert wrong.value.status_code == 401
-    assert wrong.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    assert wrong.value.body["error"]["type"] == "authentication_error"
     thinking = {"type": "thinking", "thinking": "hmm", "signature": "x"}
     history = [
         {"role": "user", "content": "hi"},

@@ -2,7 +2,8 @@
 
 ``prefixcache serve`` gives agent frameworks that speak the OpenAI API pinned-prefix speed without
 code changes: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/responses`` (streaming or
-not), named caches per tenant (``/v1/caches``), ``/v1/models``, ``/health`` and ``/metrics``
+not), Anthropic's ``/v1/messages``, named caches per tenant (``/v1/caches``), ``/v1/models``,
+``/health`` and ``/metrics``
 (Prometheus text). Each model is a
 :class:`ModelWorker`: a :class:`~prefixcache.PrefixCache` and one thread that runs its calls one
 at a time behind a bounded queue (HTTP 429 with Retry-After beyond it). Recipes are prewarmed
@@ -15,7 +16,9 @@ restore (or time) each other's cached prefixes; the recipes are pinned in every 
 Modules: ``schema`` (request bodies and OpenAI-shaped errors), ``auth`` (API keys), ``worker``
 (a model's queue and streaming), ``reload`` (watching recipe files, stale pins), ``core`` (the
 server's state), ``app`` (routes, metrics, ``serve``), ``responses`` and ``response_events``
-(the Responses API), ``caches`` (``/v1/caches``), ``apimetrics`` (cache reads and writes per API).
+(the Responses API), ``caches`` (``/v1/caches``), ``apimetrics`` (cache reads and writes per API),
+``messages``, ``anthropic_schema`` and ``breakpoints`` (Anthropic's Messages API, its
+``cache_control`` breakpoints as pins).
 """
 
 from __future__ import annotations
