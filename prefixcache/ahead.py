@@ -105,6 +105,9 @@ class ReplyPrefill:
         self._closed = False
         self._stats = AheadStats()
         self.ready: Callable[[], bool] = _always
+        # A Llama closed without closing its caches (another cache on it, or by hand) must not
+        # be prefilled on after: closing it waits for the micro-batch and stops this work.
+        self._lock.watch(cache.llm)
 
     # what calls do ----------------------------------------------------------------------------
 
@@ -215,7 +218,7 @@ class ReplyPrefill:
         return self._closed
 
     def _should_yield(self) -> bool:
-        return self._closed or self._lock.wanted or not self.ready()
+        return self._closed or self._lock.wanted or self._lock.retired or not self.ready()
 
     def _run(self) -> None:
         try:
@@ -240,7 +243,10 @@ class ReplyPrefill:
                 self._done(job)
                 continue
             if not self._lock.acquire_idle(self.ready, self._stopped):
-                continue  # closed
+                if self._lock.retired:  # the model is freed
+                    with self._mutex:
+                        self._closed = True
+                continue
             try:
                 with self._mutex:
                     current = any(j is job for j in self._jobs)

@@ -41,6 +41,9 @@ class ModelLock:
         self._cond = threading.Condition(threading.Lock())
         self._waiting = 0  # calls blocked in acquire() (guarded by _cond)
         self._depth = 0  # re-entrant depth of the owner (changed only by the owner)
+        #: The model is freed (or being freed): background work never takes it again.
+        self.retired = False
+        self._watched = False
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         with self._cond:
@@ -82,6 +85,21 @@ class ModelLock:
         with self._cond:
             self._cond.notify_all()
 
+    def watch(self, llm: llama_cpp.Llama) -> None:
+        """Retire this lock when ``llm`` is closed, before its context is freed (once per lock;
+        call it after the context is final: llama-cpp-python frees in reverse order)."""
+        with _LOCKS_GUARD:
+            if self._watched:
+                return
+            self._watched = True
+        llm._stack.callback(self.retire)
+
+    def retire(self) -> None:
+        """Wait for the background work holding the model, then keep it away for good."""
+        with self:
+            self.retired = True
+        self.notify()
+
     def acquire_idle(
         self, ready: Callable[[], bool], stop: Callable[[], bool], poll: float = 0.1
     ) -> bool:
@@ -92,10 +110,14 @@ class ModelLock:
         seconds; they must be quick and must not take this lock.
         """
         with self._cond:
-            while not stop():
+            while not stop() and not self.retired:
                 if self._waiting == 0 and ready() and self._lock.acquire(blocking=False):
                     self._depth += 1
-                    return True
+                    if not self.retired:
+                        return True
+                    self._depth -= 1
+                    self._lock.release()
+                    break
                 self._cond.wait(poll)
         return False
 

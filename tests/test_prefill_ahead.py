@@ -15,6 +15,7 @@ from typing import Any
 
 from conftest import cached, text
 
+from prefixcache import PrefixCache
 from prefixcache.server.worker import ModelWorker, collect_call
 
 SHORT = {"role": "system", "content": "You are the terse assistant of a hardware store."}
@@ -176,3 +177,19 @@ def test_the_server_prefills_a_reply_only_when_the_models_queue_is_empty(open_ca
     finally:
         release.set()
         worker.close()
+
+
+def test_closing_the_llama_under_another_caches_prefill_stops_it_first(open_cache, store):
+    unit = 32
+    owner = open_cache(n_batch=unit, n_ubatch=unit)
+    other = PrefixCache(llm=owner.llm, store=store, namespace="other")  # the same Llama
+    reply = {"role": "assistant", "content": "Pine planks are light. " * 30}
+    other.prefill_ahead(turn("Describe the timber we sell."), reply)
+    deadline = time.monotonic() + 300
+    while other.stats()["reply_prefill_tokens"] < unit:  # under way
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    owner.close()  # frees the Llama: waits for the micro-batch, and nothing runs on it after
+    assert other.idle(timeout=30)
+    assert other.stats()["reply_prefill_runs"] == 0
+    other.close()
