@@ -474,7 +474,10 @@ class PrefixCache:
         step = self.segment_tokens
         cuts.update(range((at // step + 1) * step, end, step))
         if self.kv.memory.checkpoints:  # a recurrent state exists only where it was snapshotted
-            cuts = {b for b in cuts if self.kv.has_checkpoint(b)}
+            taken = self.kv.checkpoint_cuts(at, end)
+            if taken is None:
+                return parent, [], 0
+            cuts = set(taken)
         edges = [at, *sorted(cuts), end]
         captured = []
         for a, b in itertools.pairwise(edges):

@@ -54,24 +54,44 @@ def prepare(cache: PrefixCache, tokens: list[int], namespace: str, *, generating
         cache._store_failed("reading the index", exc)
         chain = []
         match = None
+    pick = None
     if match is not None:
-        for seg in reversed(chain):
-            if seg.end <= live or seg.end > match.length or not fits(seg.end):
-                continue
-            if cache._load(known, seg):
-                llm.input_ids[: seg.start] = tokens[: seg.start]
-                restored = seg.end
-                nbytes = seg.nbytes
-                cache._stats.segments_restored += 1
-                try:
-                    cache.store.touch(seg.key, time.time())
-                except _STORE_FAILURES as exc:
-                    cache._store_failed("recording a hit", exc)
+        for i in reversed(range(len(chain))):
+            if chain[i].end <= live:
                 break
-            live = 0  # a refused checkpoint left the sequence empty
-    if not restored:
-        kv.truncate(live)
-    cached = restored or live
+            if chain[i].end <= match.length and fits(chain[i].end):
+                pick = i
+                break
+    base = live
+    if pick is not None:
+        if kv.memory.ranges:
+            # Segments hold their span's attention KV: load the chain in order, from the live
+            # state if it ends on one of its segments, else from the start.
+            first = next((i + 1 for i in range(pick) if chain[i].end == live), 0)
+            base = live if first else 0
+            todo = chain[first : pick + 1]
+        else:
+            base = 0
+            todo = [chain[pick]]
+        kv.truncate(base)
+        done = base
+        for seg in todo:
+            if not cache._load(known, seg):
+                break
+            llm.input_ids[: seg.start] = tokens[: seg.start]
+            done = seg.end
+            nbytes += seg.nbytes
+            cache._stats.segments_restored += 1
+            try:
+                cache.store.touch(seg.key, time.time())
+            except _STORE_FAILURES as exc:
+                cache._store_failed("recording a hit", exc)
+        if done > base and not fits(done):  # a chain cut short where the rest cannot follow
+            done = 0
+        restored = done - base if done > base else 0
+        live = done if done > base else (base if llm.n_tokens == base else 0)
+    kv.truncate(live)
+    cached = llm.n_tokens
     seconds = time.perf_counter() - t0
     if restored:
         cache._stats.bytes_restored += nbytes

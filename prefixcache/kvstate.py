@@ -79,7 +79,7 @@ class LlamaKV:
         self.n_vocab = int(llm.n_vocab())
         self._buffer = bytearray()
         #: Checkpointed memory: whole-sequence snapshots taken while evaluating, by position.
-        self._snapshots: dict[int, bytes] = {}
+        self._snapshots: dict[int, tuple[int, bytes]] = {}
 
     # context management ---------------------------------------------------------------------
 
@@ -264,9 +264,9 @@ class LlamaKV:
         done = start
         for end in sorted(ends):
             self._evaluate_run(tokens[done - start : end - start], progress, done - start, total)
-            done = end
             if self.memory.checkpoints and (end < start + total or not last_alone):
-                self._snapshots[end] = bytes(self._sequence_state())
+                self._snapshots[end] = self._snapshot(done, end)
+            done = end
         assert self.llm.n_tokens == start + total
         # A token evaluated alone has KV (and state) unlike a batched prefill's: not trusted.
         self.exact = self.llm.n_tokens - (1 if last_alone and total >= 2 else 0)
@@ -293,7 +293,12 @@ class LlamaKV:
         if not 0 <= start < end <= self.llm.n_tokens:
             raise ValueError(f"cannot capture [{start}, {end}) of {self.llm.n_tokens} live tokens")
         if self.memory.checkpoints:
-            return self._checkpoint(end)
+            return self._checkpoint(start, end)
+        return self._capture_range(start, end)
+
+    def _capture_range(self, start: int, end: int) -> bytearray:
+        """Copy ``[start, end)`` of sequence 0 to the scratch sequence and serialise that (a
+        hybrid's recurrent state comes along whole: the state after all live tokens)."""
         ctx = self.llm._ctx.ctx
         mem = self._mem
         llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
@@ -310,17 +315,36 @@ class LlamaKV:
             raise RuntimeError(f"llama.cpp wrote {written} of {size} state bytes")
         return out
 
-    def has_checkpoint(self, end: int) -> bool:
-        """Whether the state after ``end`` live tokens can be captured (checkpointed memory)."""
-        exact_now = self.llm.n_tokens == end == self.exact
-        return end in self._snapshots or exact_now
+    def _snapshot(self, start: int, end: int) -> tuple[int, bytes]:
+        """What checkpointed memory keeps of the state after ``end`` tokens, evaluated on from
+        ``start``: ``(first position its bytes cover, bytes)``."""
+        if self.memory.ranges:
+            return start, bytes(self._capture_range(start, end))
+        return 0, bytes(self._sequence_state())
 
-    def _checkpoint(self, end: int) -> bytearray:
+    def checkpoint_cuts(self, at: int, end: int) -> list[int] | None:
+        """Where a span ``[at, end)`` of checkpointed memory can be cut into stored segments
+        (the inner edges), or None when the states it needs were not snapshotted."""
+        if end not in self._snapshots:
+            exact_now = self.llm.n_tokens == end == self.exact
+            return [] if exact_now else None
+        if not self.memory.ranges:
+            return sorted(p for p in self._snapshots if at < p < end)
+        cuts = []
+        first = self._snapshots[end][0]
+        while first > at and first in self._snapshots:  # walk back along the snapshots' spans
+            cuts.append(first)
+            first = self._snapshots[first][0]
+        return sorted(cuts) if first == at else None
+
+    def _checkpoint(self, start: int, end: int) -> bytearray:
         if end in self._snapshots:
-            return bytearray(self._snapshots[end])
-        if not self.has_checkpoint(end):
-            raise ValueError(f"no checkpoint of the state after {end} tokens was taken")
-        return self._sequence_state()
+            first, data = self._snapshots[end]
+            if first == start or not self.memory.ranges:
+                return bytearray(data)
+        elif self.llm.n_tokens == end == self.exact:
+            return bytearray(self._snapshot(start, end)[1])
+        raise ValueError(f"no checkpoint of the state after {end} tokens from {start} was taken")
 
     def _sequence_state(self) -> bytearray:
         """The whole state of sequence 0, as llama.cpp serialises it."""
@@ -378,7 +402,7 @@ class LlamaKV:
         The bytes must already be checksummed; llama.cpp still checks their layout, and the
         positions they land on are checked here. On failure sequence 0 is left at ``start``.
         """
-        if self.memory.checkpoints:
+        if self.memory.checkpoints and not self.memory.ranges:
             self.restore_checkpoint(data, nbytes, start, tokens)
             return
         llm = self.llm
@@ -400,7 +424,7 @@ class LlamaKV:
             loaded = llama_cpp.llama_state_seq_set_data(ctx, buf, nbytes, SCRATCH)
             lo = llama_cpp.llama_memory_seq_pos_min(mem, SCRATCH)
             hi = llama_cpp.llama_memory_seq_pos_max(mem, SCRATCH)
-            if not loaded or (lo, hi) != (start, end - 1):
+            if not loaded or (lo, hi) != self.memory.restored_positions(start, end):
                 raise SegmentRefusedError(
                     "?",
                     f"llama.cpp rejected the state (loaded={loaded}, positions {lo}..{hi}, "

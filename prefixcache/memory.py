@@ -50,6 +50,14 @@ class Memory:
         a cold run's results for the tokens that follow."""
         return True
 
+    #: Whether segments are token ranges restored in chain order (for checkpoints: attention KV
+    #: by range plus the recurrent state at the segment's end).
+    ranges: bool = True
+
+    def restored_positions(self, start: int, end: int) -> tuple[int, int]:
+        """The first and last position llama.cpp reports for a restored ``[start, end)``."""
+        return start, end - 1
+
 
 @dataclass(frozen=True)
 class RangeKV(Memory):
@@ -77,14 +85,30 @@ class SlidingWindow(Memory):
 
 @dataclass(frozen=True)
 class Checkpointed(Memory):
+    """Recurrent state, checkpointed at segment ends.
+
+    A recurrent model's segment is the whole sequence state at its end. A hybrid's segment is
+    its span's attention KV plus the recurrent state at its end (``ranges``): restoring a chain
+    of them in order rebuilds the attention KV once, not once per checkpoint.
+    """
+
     kind: str = "checkpoints"
     checkpoints: bool = True
     hybrid: bool = False
+    ranges: bool = False
+
+    def restored_positions(self, start: int, end: int) -> tuple[int, int]:
+        # llama.cpp reports a hybrid sequence's range as its recurrent cell's: the last position.
+        return end - 1, end - 1
 
     def describe(self) -> str:
-        what = "hybrid recurrent + attention" if self.hybrid else "recurrent"
+        if self.hybrid:
+            return (
+                "checkpoints: attention KV by range plus the recurrent state at each segment's "
+                "end; restores stop exactly on a segment end"
+            )
         return (
-            f"checkpoints: {what} state snapshotted whole at segment ends; restores stop "
+            "checkpoints: recurrent state snapshotted whole at segment ends; restores stop "
             "exactly on a checkpoint"
         )
 
@@ -103,7 +127,7 @@ def memory_for(llm: llama_cpp.Llama) -> Memory:
     if llama_cpp.llama_model_is_recurrent(model):
         return Checkpointed()
     if llama_cpp.llama_model_is_hybrid(model):
-        return Checkpointed(hybrid=True)
+        return Checkpointed(hybrid=True, ranges=True)
     window = int(llama_cpp.llama_model_n_swa(model))
     if window > 0:
         return SlidingWindow(window=window)
