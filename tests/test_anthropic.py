@@ -537,3 +537,27 @@ def test_a_breakpoint_inside_a_message_pins_up_to_the_end_of_its_block(
     assert second["usage"]["cache_creation_input_tokens"] == 0
     assert second["usage"]["cache_read_input_tokens"] >= written
     store.close()
+
+
+def test_a_client_that_leaves_a_stream_frees_the_model(served: Served) -> None:
+    counting = "Count to 1000: 1, 2, 3, 4, 5, 6, 7, 8,"
+    body = {"model": MODEL_ID, "max_tokens": 1000, "stream": True, **GREEDY}
+    body["messages"] = [{"role": "user", "content": counting}]
+    headers = {"x-api-key": KEYS[0]}
+    url = served.url + "/v1/messages"
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", url, json=body, headers=headers) as s,
+    ):
+        lines = s.iter_lines()
+        got = [line for _, line in zip(range(12), lines, strict=False) if line]
+        assert got[0] == "event: message_start"
+    # Leaving the block closed the connection a few tokens into 1,000.
+    t0 = time.perf_counter()
+    reply = served.post({"model": MODEL_ID, "max_tokens": 2, "messages": _USER})
+    assert reply.status_code == 200
+    deadline = time.monotonic() + 30
+    while "client went away" not in served.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, served.log.read_text(errors="replace")
+        time.sleep(0.2)
+    assert time.perf_counter() - t0 < 10  # 1,000 tokens take well over that here

@@ -494,6 +494,10 @@ async def _events(
     except Exception as exc:  # after the headers: report in-band, as Anthropic does
         yield _sse(anthropic_error(exc).body())
         return
+    finally:  # a client that went away stops the generation now, not when this is collected
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
     for event in blocks.end():
         yield _sse(event)
     use = {**use, "output_tokens": blocks.output_tokens}
