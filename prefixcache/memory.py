@@ -10,9 +10,11 @@ llama.cpp keeps a sequence's state in one of three shapes, and each needs its ow
   segment longer than the window would come back with holes. Segments are therefore at most one
   window long, and a context whose sliding-window cells were reused is not trusted below them.
 - :class:`Checkpointed` — recurrent state (Mamba, RWKV) or hybrids of it with attention (Jamba,
-  Granite 4, LFM2, Nemotron-H). The state is one value per sequence that cannot be cut by token
-  range, so a segment's bytes are a snapshot of the whole sequence at its end (a checkpoint) and
-  a restore loads the deepest checkpoint the prompt reaches, exactly at its end.
+  Granite 4, LFM2, Nemotron-H). The recurrent state is one value per sequence that cannot be cut
+  by token range, so it is snapshotted at segment ends (checkpoints) and a restore stops exactly
+  at the end of the deepest segment the prompt reaches. A recurrent model's segment is the whole
+  state; a hybrid's is its span's attention KV plus the recurrent state at its end, so a chain
+  holds each token's KV once and is restored in order.
 
 :func:`memory_for` picks the kind of a loaded model; adding a family means adding (or reusing)
 a class here.
@@ -34,8 +36,11 @@ class Memory:
 
     #: "range" (range-restorable KV), "swa_full" (sliding window) or "checkpoints".
     kind: str = "range"
-    #: Whether segment bytes are whole-sequence snapshots at the segment's end.
+    #: Whether segments carry a recurrent state snapshotted at their end (restores stop there).
     checkpoints: bool = False
+    #: Whether segments are token ranges restored in chain order (checkpointed hybrids too: their
+    #: span's attention KV plus the recurrent state at their end); False: whole-state snapshots.
+    ranges: bool = True
 
     def segment_tokens(self, requested: int) -> int:
         """The longest segment this kind can store and restore whole."""
@@ -49,10 +54,6 @@ class Memory:
         """Whether a sequence kept up to ``n`` tokens, whose memory starts at ``pos_min``, gives
         a cold run's results for the tokens that follow."""
         return True
-
-    #: Whether segments are token ranges restored in chain order (for checkpoints: attention KV
-    #: by range plus the recurrent state at the segment's end).
-    ranges: bool = True
 
     def restored_positions(self, start: int, end: int) -> tuple[int, int]:
         """The first and last position llama.cpp reports for a restored ``[start, end)``."""
