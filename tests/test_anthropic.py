@@ -471,6 +471,12 @@ def test_a_breakpoint_pin_expires_after_its_ttl_and_is_then_evicted_like_any_seg
     assert again["usage"]["cache_creation_input_tokens"] == 0
     refreshed = pin()
     assert refreshed.expires > made.expires + 1
+    time.sleep(1.5)
+    plain = served.post({**ask, "system": system}, key=KEYS[5]).json()  # no breakpoint: a read
+    assert plain["usage"]["cache_read_input_tokens"] >= pinned
+    assert plain["usage"]["cache_creation_input_tokens"] == 0
+    refreshed = pin()
+    assert refreshed.expires > made.expires + 2.5
     time.sleep(max(0.0, refreshed.expires - time.time()) + 0.2)
     segments = {s.key: s for s in store.segments()}
     assert refreshed.key in segments and refreshed.key not in pinned_keys(

@@ -20,7 +20,7 @@ import logging
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..cache import PrefixCache
@@ -47,6 +47,8 @@ class Written:
     tokens: int = 0
     by_ttl: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TTLS, 0))
     pins: list[str] = field(default_factory=list)
+    #: Breakpoint pins of earlier requests that this one reads, their TTL restarted.
+    refreshed: list[str] = field(default_factory=list)
 
 
 def _probe_block(like: dict[str, Any], probe: str) -> dict[str, Any]:
@@ -145,23 +147,32 @@ def pin_breakpoints(
 
     A prefix pinned already has its expiry moved to now + TTL (never earlier than it was); one
     not stored yet is prefilled and stored, and those tokens are what the request wrote. A pin
-    the quota cannot hold is skipped with a warning: the request still runs.
+    the quota cannot hold is skipped with a warning: the request still runs. The tenant's other
+    breakpoint pins that this request reads (a prefix of its prompt, with or without a
+    breakpoint there now) get their TTL restarted, as a cache hit does at Anthropic; expired
+    ones are unpinned.
     """
     ends: dict[int, str] = {}
     for mark in request.breakpoints:
         n = boundary(cache.template, request, mark, full)
         if n is not None and (n not in ends or TTLS[mark.ttl] > TTLS[ends[n]]):
             ends[n] = mark.ttl
-    ends_names = {pin_name(full[:n]) for n in ends}
     written = Written()
-    if not ends:
-        return written
-    pins = {p.name: p for p in cache.pins(namespace)}
+    pins = {p.name: p for p in cache.pins(namespace) if p.source == PIN_SOURCE}
+    made = {pin_name(full[:n]) for n in ends}
+    now = time.time()
     for pin in pins.values():
-        # An expired breakpoint pin protects nothing: drop its record (its segments are
-        # ordinary LRU entries either way), so that an agent's pins do not pile up.
-        if pin.source == PIN_SOURCE and pin.expired(time.time()) and pin.name not in ends_names:
+        if pin.name in made or pin.expires is None:
+            continue
+        if pin.expired(now):
+            # An expired breakpoint pin protects nothing: drop its record (its segments are
+            # ordinary LRU entries either way), so that an agent's pins do not pile up.
             cache.unpin(pin.name, namespace=namespace)
+        elif pin.n_tokens <= len(full) and pin_name(full[: pin.n_tokens]) == pin.name:
+            # This request reads it (its tokens are a prefix of the prompt): a hit refreshes.
+            lasts = pin.expires - pin.created
+            cache.store.set_pin(replace(pin, created=now, expires=now + lasts))
+            written.refreshed.append(pin.name)
     for n in sorted(ends):
         ttl = ends[n]
         tokens = full[:n]

@@ -390,10 +390,8 @@ class _Call:
         extra = int(kwargs.get("max_tokens") or 1)
         if len(full) + extra > cache.kv.n_ctx:
             raise PromptTooLongError(len(full) + extra, cache.kv.n_ctx, "prompt plus max_tokens")
-        if req.breakpoints:
-            self.written = pin_breakpoints(
-                cache, req, full, self.namespace, ttl_scale=self.ttl_scale
-            )
+        # Also for a request without breakpoints: the breakpoint pins it reads are refreshed.
+        self.written = pin_breakpoints(cache, req, full, self.namespace, ttl_scale=self.ttl_scale)
         forced = req.tool_choice not in (None, "auto", "none") or req.response_format
         if req.stop_sequences and not forced:
             stop = StopAtSequences(cache.llm, req.stop_sequences)
