@@ -17,8 +17,8 @@ Modules: ``schema`` (request bodies and OpenAI-shaped errors), ``auth`` (API key
 (a model's queue and streaming), ``reload`` (watching recipe files, stale pins), ``core`` (the
 server's state), ``app`` (routes, metrics, ``serve``), ``responses`` and ``response_events``
 (the Responses API), ``caches`` (``/v1/caches``), ``apimetrics`` (cache reads and writes per API),
-``messages``, ``anthropic_schema`` and ``breakpoints`` (Anthropic's Messages API, its
-``cache_control`` breakpoints as pins).
+``messages``, ``anthropic_schema``, ``anthropic_reply`` and ``breakpoints`` (Anthropic's Messages
+API, its ``cache_control`` breakpoints as pins).
 """
 
 from __future__ import annotations
