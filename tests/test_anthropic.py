@@ -567,3 +567,25 @@ def test_a_client_that_leaves_a_stream_frees_the_model(served: Served) -> None:
         assert time.monotonic() < deadline, served.log.read_text(errors="replace")
         time.sleep(0.2)
     assert time.perf_counter() - t0 < 10  # 1,000 tokens take well over that here
+
+
+def test_a_breakpoint_on_the_last_tool_pins_the_tools(
+    served: Served, template: ChatTemplate
+) -> None:
+    system = "You answer stock questions for a timber yard in one word."
+    marked = {**TOOL, "cache_control": {"type": "ephemeral"}}
+    question = "Any hammers?"
+    body = {"model": MODEL_ID, "max_tokens": 1, "system": system, "tools": [marked]}
+    body["messages"] = [{"role": "user", "content": question}]
+    reply = served.post(body, key=KEYS[0]).json()
+    tool = {
+        "type": "function",
+        "function": {"name": TOOL["name"], "parameters": TOOL["input_schema"]},
+    }
+    tool["function"]["description"] = TOOL["description"]
+    tokens = template.tokens(_chat(question, system), [tool])
+    written = reply["usage"]["cache_creation_input_tokens"]
+    assert reply["usage"]["input_tokens"] == len(tokens) - written
+    prefix = template.detokenize(tokens[:written])
+    # SmolLM2's template folds the tools in after the system prompt: the pin holds both.
+    assert system in prefix and '"required": ["sku"]' in prefix and question not in prefix

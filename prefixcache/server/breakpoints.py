@@ -6,11 +6,13 @@ by rendering the conversation cut after the block with different continuations a
 tokens they all share with the request. A block that ends its message (or the system prompt) ends
 at that message's boundary; a block inside a message ends where the block's own text does. A
 template that renders the marked block differently depending on what follows leaves no stable
-boundary: the breakpoint is then skipped (logged), and the request runs uncached by it.
+boundary: the breakpoint is then skipped (logged), and the request runs uncached by it. A
+breakpoint on a tool covers the tools up to it and whatever the template renders before them
+(the system prompt, in most templates), so it holds while the system prompt stays the same.
 
 Each breakpoint's prefix is pinned in the tenant's namespace under a name derived from its tokens
-(``cache_control:<digest>``), with the breakpoint's TTL: a request with the same breakpoint
-refreshes it; once it expires its segments are ordinary LRU entries, as a recipe pin's are.
+(``cache_control:<digest>``), with the breakpoint's TTL: a request that reads it refreshes it;
+once it expires its segments are ordinary LRU entries, as a recipe pin's are.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def _cut(request: MessagesRequest, mark: Breakpoint, probe: str, variant: int) -
         schema = {"type": "object", "properties": {}}
         extra = {"name": probe.replace(" ", "_"), "description": probe, "input_schema": schema}
         tools = [*request.tools[: mark.index + 1], extra]
-        return request.with_parts(tools=tools, system=[probe], messages=[user])
+        # The system prompt stays: templates render it before the tools (SmolLM2's fold them in
+        # after it), and a prefix that may not hold it would end before the tools.
+        return request.with_parts(tools=tools, messages=[user])
     if mark.kind == "system":
         return request.with_parts(
             system=[*request.system[: mark.index + 1], probe], messages=[user]
@@ -120,9 +124,8 @@ def boundary(
     anchor = _anchor(request, mark)
     if n < 1 or (anchor and anchor not in template.detokenize(full[:n])):
         log.info(
-            "cache_control at %s: the chat template renders what precedes this block after "
-            "later content (tools after the system prompt, say), so no prefix ends with it; "
-            "skipped",
+            "cache_control at %s: the chat template renders this block after content that "
+            "follows it, so no prefix of the prompt ends with it; skipped",
             mark.where,
         )
         return None

@@ -5,7 +5,8 @@ through :meth:`PrefixCache.chat` on the model's worker, as ``/v1/chat/completion
 template, tool-call parsing and constrained decoding (``tool_choice`` any/tool are a grammar).
 Before it, on the same thread, its ``cache_control`` breakpoints are pinned with their TTLs
 (:mod:`.breakpoints`). The reply is turned into Anthropic's message, or its event stream
-(``message_start``, ``content_block_*``, ``message_delta``, ``message_stop``, ``ping``). Errors
+(``message_start``, ``content_block_*``, ``message_delta``, ``message_stop``, ``ping``), by
+:mod:`.anthropic_reply`. Errors
 are in Anthropic's shape and status codes. docs/anthropic.md has the accounting of ``usage``.
 """
 
