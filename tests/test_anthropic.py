@@ -409,6 +409,12 @@ _USER = [{"role": "user", "content": "hi"}]
             "invalid_request_error",
             "server tools",
         ),
+        (
+            {"model": MODEL_ID, "max_tokens": 4, "temperature": 1.5, "messages": _USER},
+            400,
+            "invalid_request_error",
+            "temperature must be between 0.0 and 1.0",
+        ),
         ({"model": "claude-x", "max_tokens": 4, "messages": _USER}, 404, "not_found_error", ""),
     ],
 )
