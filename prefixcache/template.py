@@ -1,8 +1,10 @@
 """Chat-template rendering at token level, and stable prefix boundaries.
 
-Conversations are rendered with the model's own chat template from its GGUF metadata, through
-llama-cpp-python's ``Jinja2ChatFormatter`` and tokenized exactly as its chat handler does, so the
-tokens we match are the tokens ``create_chat_completion`` evaluates.
+Conversations are rendered with the model's own chat template from its GGUF metadata (or a Jinja
+template given instead, or a chat format registered in llama-cpp-python), through the formatter
+llama-cpp-python would use and tokenized exactly as its chat handler does, so the tokens we match
+are the tokens ``create_chat_completion`` evaluates. A model without any template still opens:
+raw prompts need none, and rendering a conversation says what to pass.
 
 A prefix of messages is not always a prefix of the rendered text: templates fold the system prompt
 into the first user turn, add a default system prompt, or close a turn differently depending on
