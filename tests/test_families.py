@@ -24,7 +24,8 @@ from tiny_gguf import write as write_tiny
 
 from prefixcache import PrefixCache
 from prefixcache import status as store_status
-from prefixcache.errors import RecipeError, TemplateError
+from prefixcache.errors import ConfigError, RecipeError, TemplateError
+from prefixcache.prewarm import chat_options
 from prefixcache.recipes import load_recipe
 
 GEMMA_TEMPLATE = Path(__file__).parent / "data" / "gemma3.jinja"
@@ -281,6 +282,21 @@ def test_recipe_model_section_names_a_template_that_keys_its_digest(
     recipe.write_text(body.replace("\nprefix", "\n  chat_format: chatml\nprefix"))
     with pytest.raises(RecipeError, match="not both"):
         load_recipe(recipe)
+    # One loaded model renders with one template: recipes sharing it must agree.
+    recipe.write_text(body)
+    other = tmp_path / "o.yaml"
+    other.write_text(
+        body.replace("name: r", "name: o").replace(
+            "chat_template: chat.jinja", "chat_format: chatml"
+        )
+    )
+    assert chat_options([load_recipe(recipe)], None, "gemma") == (
+        str(tmp_path / "chat.jinja"),
+        None,
+    )
+    assert chat_options([], None, "gemma") == (None, "gemma")
+    with pytest.raises(ConfigError, match="r, o"):
+        chat_options([load_recipe(recipe), load_recipe(other)])
 
 
 def test_cli_takes_a_template_file_and_shows_checkpoints(
