@@ -34,7 +34,7 @@ from prefixcache.store import open_store
 from prefixcache.template import ChatTemplate
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
-KEYS = [f"tenant-{i}" for i in range(8)]
+KEYS = [f"tenant-{i}" for i in range(9)]
 TTL_SCALE = 0.01  # 5m -> 3 s, 1h -> 36 s
 SYSTEM = (
     "You are a terse assistant for a hardware store called Bolt & Board. Answer in one sentence. "
@@ -583,7 +583,7 @@ def test_a_breakpoint_on_the_last_tool_pins_the_tools(
     question = "Any hammers?"
     body = {"model": MODEL_ID, "max_tokens": 1, "system": system, "tools": [marked]}
     body["messages"] = [{"role": "user", "content": question}]
-    reply = served.post(body, key=KEYS[0]).json()
+    reply = served.post(body, key=KEYS[8]).json()
     tool = {
         "type": "function",
         "function": {"name": TOOL["name"], "parameters": TOOL["input_schema"]},
@@ -591,6 +591,7 @@ def test_a_breakpoint_on_the_last_tool_pins_the_tools(
     tool["function"]["description"] = TOOL["description"]
     tokens = template.tokens(_chat(question, system), [tool])
     written = reply["usage"]["cache_creation_input_tokens"]
+    assert reply["usage"]["cache_read_input_tokens"] == 0
     assert reply["usage"]["input_tokens"] == len(tokens) - written
     prefix = template.detokenize(tokens[:written])
     # SmolLM2's template folds the tools in after the system prompt: the pin holds both.
