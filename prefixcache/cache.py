@@ -397,10 +397,12 @@ class PrefixCache:
             keep = self.llm.n_tokens  # memory that cannot be cut there is emptied
             restored = max(0, restored - (cached - keep))
             cached = keep
+        if generating:
+            self.kv.fill_gap(tokens)  # (prefill the call pays for: counted by its caller)
         self.kv.owner = namespace
         # The Llama prefills the rest of the prompt in batches: trust its KV up to the prompt's
         # end (not the generated tokens that follow), except a last token it evaluates alone.
-        alone = generating and self.kv.last_token_alone(len(tokens), cached)
+        alone = generating and self.kv.last_token_alone(len(tokens), self.llm.n_tokens)
         self.kv.exact = len(tokens) - 1 if alone else len(tokens)
         if diverged is not None and generating:  # a pin's own restore is no request's miss
             counts = self._stats.partial_restores

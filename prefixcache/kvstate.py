@@ -223,16 +223,38 @@ class LlamaKV:
         ``generating``: llama-cpp-python evaluates the suffix (in n_batch chunks from the kept
         position, at least one token) and samples from its last token's logits. Otherwise the
         suffix goes through :meth:`evaluate`, which never makes a batch of one itself.
+
+        When the cold run evaluates the last token alone (the prompt is one token past a
+        multiple of the micro-batch), what is cached is kept, and :meth:`fill_gap` evaluates the
+        gap up to the last token in batches of two or more before llama-cpp-python evaluates
+        the last token alone: only a gap of exactly one token costs one kept token.
         """
         unit = self.unit
         s = max(1, n_prompt - cached) if generating else n_prompt - cached
         if not generating:
             return n_prompt - (2 if s == 1 and n_prompt >= 2 else s)
         if (n_prompt - 1) % unit == 0:  # the cold run evaluates the last token alone: so must we
-            s = 1 + unit * -(-(s - 1) // unit)
-        elif s % unit == 1:  # it does not: never leave a batch of one at the end
+            keep = n_prompt - s
+            if s == 2 and unit > 1:  # a gap of one token would be a batch of one
+                keep -= 1
+            return max(0, keep)
+        if s % unit == 1:  # it does not: never leave a batch of one at the end
             s += 1
         return max(0, n_prompt - s)
+
+    def fill_gap(self, tokens: Sequence[int]) -> int:
+        """Evaluate the gap :meth:`suffix_start` leaves between the kept tokens and a last prompt
+        token that must be evaluated alone; returns the tokens evaluated (0: no gap).
+
+        Nothing is done when nothing is kept: llama-cpp-python then evaluates the whole prompt
+        as the cold run does.
+        """
+        n = len(tokens)
+        start = self.llm.n_tokens
+        if (n - 1) % self.unit or not 0 < start < n - 1:
+            return 0
+        self.evaluate(tokens[start : n - 1])
+        return n - 1 - start
 
     def last_token_alone(self, n_prompt: int, start: int) -> bool:
         """Whether llama-cpp-python evaluates the prompt's last token alone from ``start`` on."""
