@@ -166,13 +166,13 @@ def reusable(previous_prompt: int, prompt: int, unit: int = 512) -> int:
     """The tokens a request restores at least when its prompt extends the previous prompt.
 
     All of them, unless a cold run's batches (llama-cpp-python's n_batch, 512) would not line
-    up with a restored prefix's end: a prompt of 512k + 1 tokens has its last token evaluated
-    alone, so the restore stops at a multiple of 512; a suffix of 512k + 1 tokens keeps one token
-    less (``LlamaKV.suffix_start``, which keeps the output identical to a cold run).
+    up with a restored prefix's end: a suffix of 512k + 1 tokens keeps one token less, and so
+    does a gap of one token before a last token that a cold run evaluates alone
+    (``LlamaKV.suffix_start``, which keeps the output identical to a cold run).
     """
     suffix = max(1, prompt - previous_prompt)
     if (prompt - 1) % unit == 0:
-        suffix = 1 + unit * -(-(suffix - 1) // unit)
+        suffix += 1 if suffix == 2 else 0
     elif suffix % unit == 1:
         suffix += 1
     return prompt - suffix
