@@ -783,6 +783,7 @@ class PrefixCache:
     def calibrate(self, n_tokens: int = 256) -> Calibration:
         """Measure prefill rate and restore throughput now (used by the cost model and status)."""
         with self._lock:
+            n_tokens = min(n_tokens, self.segment_tokens)  # one segment, restorable whole
             filler = self.template.tokenize("calibration " * n_tokens)[:n_tokens]
             self.kv.truncate(0)
             t0 = time.perf_counter()
