@@ -563,8 +563,8 @@ def test_a_client_that_leaves_a_stream_frees_the_model(served: Served) -> None:
     ):
         lines = s.iter_lines()
         got = [line for _, line in zip(range(12), lines, strict=False) if line]
-        assert got[0] == "event: message_start" and got[2] == "event: ping"
-        assert got[4] == "event: content_block_start"
+        assert got[0] == "event: message_start" and got[2] == "event: content_block_start"
+        assert got[4] == "event: ping" and got[6] == "event: content_block_delta"
     # Leaving the block closed the connection a few tokens into 1,000.
     t0 = time.perf_counter()
     reply = served.post({"model": MODEL_ID, "max_tokens": 2, "messages": _USER})

@@ -265,11 +265,14 @@ async def _events(
         "usage": use,
     }
     yield _sse({"type": "message_start", "message": head})
-    yield _sse({"type": "ping"})
+    pinged = False  # one ping after the first block starts, where Anthropic's streams have it
     try:
         async for chunk in chunks:
             for event in blocks.chunk(chunk):
                 yield _sse(event)
+                if not pinged and event["type"] == "content_block_start":
+                    pinged = True
+                    yield _sse({"type": "ping"})
     except Exception as exc:  # after the headers: report in-band, as Anthropic does
         yield _sse(anthropic_error(exc).body())
         return
@@ -279,6 +282,8 @@ async def _events(
             await close()
     for event in blocks.end():
         yield _sse(event)
+    if not pinged:
+        yield _sse({"type": "ping"})
     use = {**use, "output_tokens": blocks.output_tokens}
     call.record(use)
     delta = {"stop_reason": blocks.stop_reason, "stop_sequence": blocks.scanner.matched}
