@@ -161,12 +161,13 @@ class Blocks:
         if not text:
             return []
         events = []
-        if self._open is None or self.content[self._open]["type"] != "text":
+        at = self._open
+        if at is None or self.content[at]["type"] != "text":
             events += self.close()
-            events.append(self._start({"type": "text", "text": ""}))
-        self.content[self._open]["text"] += text  # type: ignore[index]
+            at = self._start({"type": "text", "text": ""}, events)
+        self.content[at]["text"] += text
         delta = {"type": "text_delta", "text": text}
-        return [*events, {"type": "content_block_delta", "index": self._open, "delta": delta}]
+        return [*events, {"type": "content_block_delta", "index": at, "delta": delta}]
 
     def call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         if self.scanner.matched is not None:
@@ -178,8 +179,7 @@ class Blocks:
             events += self.text(self.scanner.flush())
             events += self.close()
             block = {"type": "tool_use", "id": call.get("id"), "name": function.get("name")}
-            events.append(self._start({**block, "input": {}}))
-            self._calls[index] = self._open  # type: ignore[assignment]
+            self._calls[index] = self._start({**block, "input": {}}, events)
             self._args[self._calls[index]] = ""
         at = self._calls[index]
         piece = function.get("arguments") or ""
@@ -189,10 +189,12 @@ class Blocks:
             events.append({"type": "content_block_delta", "index": at, "delta": delta})
         return events
 
-    def _start(self, block: dict[str, Any]) -> dict[str, Any]:
+    def _start(self, block: dict[str, Any], events: list[dict[str, Any]]) -> int:
+        """Open a new block (its start event added to ``events``); its index."""
         self.content.append(dict(block))
         self._open = len(self.content) - 1
-        return {"type": "content_block_start", "index": self._open, "content_block": block}
+        events.append({"type": "content_block_start", "index": self._open, "content_block": block})
+        return self._open
 
     def close(self) -> list[dict[str, Any]]:
         if self._open is None:
