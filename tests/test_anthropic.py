@@ -28,6 +28,7 @@ from conftest import N_CTX
 from prefixcache.errors import PromptTooLongError
 from prefixcache.lifecycle import enforce_quota, pinned_keys
 from prefixcache.radix import common_prefix_length
+from prefixcache.server.anthropic_schema import parse_messages_request
 from prefixcache.server.messages import MAX_BODY_BYTES, anthropic_error
 from prefixcache.server.schema import Overloaded
 from prefixcache.store import open_store
@@ -597,3 +598,59 @@ def test_a_breakpoint_on_the_last_tool_pins_the_tools(
     prefix = template.detokenize(tokens[:written])
     # SmolLM2's template folds the tools in after the system prompt: the pin holds both.
     assert system in prefix and '"required": ["sku"]' in prefix and question not in prefix
+
+
+def test_a_request_maps_onto_the_openai_chat_the_library_runs() -> None:
+    schema = {"type": "object", "properties": {}}
+    request = parse_messages_request(
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}],
+            "tools": [{"name": "t", "input_schema": schema}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+            "output_config": {"format": {"type": "json_schema", "schema": schema}},
+            "cache_control": {"type": "ephemeral", "ttl": "1h"},
+            "messages": [
+                {"role": "user", "content": "go"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hm", "signature": "s"},
+                        {"type": "text", "text": "Calling."},
+                        {"type": "tool_use", "id": "u1", "name": "t", "input": {"x": 1}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "u1",
+                            "content": "no",
+                            "is_error": True,
+                        },
+                        {"type": "text", "text": "and?"},
+                    ],
+                },
+            ],
+        }
+    )
+    messages, tools = request.chat()
+    call = {"id": "u1", "type": "function", "function": {"name": "t", "arguments": '{"x": 1}'}}
+    assert messages == [
+        {"role": "system", "content": "A\n\nB"},
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "Calling.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "u1", "content": "Error: no"},
+        {"role": "user", "content": "and?"},
+    ]
+    assert tools == [{"type": "function", "function": {"name": "t", "parameters": schema}}]
+    assert (request.tool_choice, request.parallel_tool_calls) == ("required", False)
+    assert request.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    # The top-level cache_control marks the last block of the last message.
+    [mark] = request.breakpoints
+    assert (mark.kind, mark.index, mark.block, mark.ttl) == ("message", 2, 1, "1h")
