@@ -662,6 +662,7 @@ def report(res: dict[str, Any], elapsed: float, command: str) -> str:
     pairs = [
         (a["prompt_tokens"], b["prompt_tokens"])
         for scenario in ("switch", "restart", "tool")
+        if scenario in res
         for a, b in zip(res[scenario]["ls_cold"], res[scenario]["pc"], strict=True)
     ]
     same = sum(1 for a, b in pairs if a == b)
@@ -708,71 +709,76 @@ def report(res: dict[str, Any], elapsed: float, command: str) -> str:
         "prefixcache's is its store."
     )
 
-    rs = res["restart"]
-    md.append("\n### Restart: the servers restarted, then each agent's next question\n")
-    body = []
-    for name in [c for c in ("ls_cold", "pc_cold", "ls_restart", "ls_restore", "pc") if c in rs]:
-        rows = rs[name]
-        disk = {"pc": mb(res["pc_store_bytes"]), "ls_restore": mb(res["slot_files_bytes"])}
-        body.append(
-            [
-                COLUMNS[name],
-                ms(med([wait_s(r) for r in rows])),
-                cached(rows),
-                ms(total_s(rows)),
-                exact_cell(name, rows),
-                *rss_cells(f"restart/{name}"),
-                disk.get(name, "—"),
-            ]
+    if "restart" in res:
+        rs = res["restart"]
+        md.append("\n### Restart: the servers restarted, then each agent's next question\n")
+        body = []
+        for name in [
+            c for c in ("ls_cold", "pc_cold", "ls_restart", "ls_restore", "pc") if c in rs
+        ]:
+            rows = rs[name]
+            disk = {"pc": mb(res["pc_store_bytes"]), "ls_restore": mb(res["slot_files_bytes"])}
+            body.append(
+                [
+                    COLUMNS[name],
+                    ms(med([wait_s(r) for r in rows])),
+                    cached(rows),
+                    ms(total_s(rows)),
+                    exact_cell(name, rows),
+                    *rss_cells(f"restart/{name}"),
+                    disk.get(name, "—"),
+                ]
+            )
+        md.append(
+            table(["", "TTFT", "cached", "total", "exact", "RSS after", "peak RSS", "disk"], body)
         )
-    md.append(
-        table(["", "TTFT", "cached", "total", "exact", "RSS after", "peak RSS", "disk"], body)
-    )
-    restores = [r["before_s"] for r in rs["ls_restore"]]
-    md.append(
-        "\nThe restore column's TTFT includes the `/slots/0?action=restore` call before the "
-        f"request (median {ms(med(restores))}): the client waits for both. It needs a script "
-        "that saved each agent's slot to a file of its own and restores the right one before "
-        "each request; prefixcache finds the stored prefix from the prompt's tokens."
-    )
-
-    tl = res["tool"]
-    md.append(f"\n### Tool loop: {len(tl['pc'])} turns, one request per turn\n")
-    md.append(
-        "One conversation (examples/agent_loop.py's system prompt and tools, the schemas as "
-        "text in the system prompt): each turn adds a question, the agent's call and the "
-        "tool's result, and asks for the answer. The history is scripted (fixed calls, results "
-        "and answers), so both servers see the same prompts, from "
-        f"{tl['pc'][0]['prompt_tokens']:,} to {tl['pc'][-1]['prompt_tokens']:,} tokens. "
-        "llama-server with its defaults; prefixcache serve the restarted one."
-    )
-    body = []
-    for name in [c for c in ("ls_cold", "pc_cold", "ls_default", "pc") if c in tl]:
-        rows = tl[name]
-        body.append(
-            [
-                COLUMNS[name],
-                ms(med([wait_s(r) for r in rows])),
-                ms(wait_s(rows[-1])),
-                cached(rows),
-                ms(total_s(rows)),
-                exact_cell(name, rows),
-                *rss_cells(f"tool/{name}"),
-            ]
+        restores = [r["before_s"] for r in rs["ls_restore"]]
+        md.append(
+            "\nThe restore column's TTFT includes the `/slots/0?action=restore` call before the "
+            f"request (median {ms(med(restores))}): the client waits for both. It needs a script "
+            "that saved each agent's slot to a file of its own and restores the right one before "
+            "each request; prefixcache finds the stored prefix from the prompt's tokens."
         )
-    headers = ["", "TTFT", "last turn", "cached", "total", "exact", "RSS after", "peak RSS"]
-    md.append("\n" + table(headers, body))
 
-    lo = med(res["overhead"]["ls_default"])
-    po = med(res["overhead"]["pc"])
-    md.append("\n### Per-request overhead\n")
-    md.append(
-        f"A 20-token prompt the server already holds, asked {plan['overhead_runs']} times "
-        f"(max_tokens 1, alternating): llama-server {ms(lo)}, prefixcache serve {ms(po)} "
-        f"(medians; {(po - lo) * 1000:+,.0f} ms per request, {po / lo:.1f}{TIMES}): HTTP, "
-        "templating, tokenizing, the prefix lookup and llama-cpp-python's per-request setup "
-        "in Python, against llama-server's C++."
-    )
+    if "tool" in res:
+        tl = res["tool"]
+        md.append(f"\n### Tool loop: {len(tl['pc'])} turns, one request per turn\n")
+        md.append(
+            "One conversation (examples/agent_loop.py's system prompt and tools, the schemas as "
+            "text in the system prompt): each turn adds a question, the agent's call and the "
+            "tool's result, and asks for the answer. The history is scripted (fixed calls, results "
+            "and answers), so both servers see the same prompts, from "
+            f"{tl['pc'][0]['prompt_tokens']:,} to {tl['pc'][-1]['prompt_tokens']:,} tokens. "
+            "llama-server with its defaults; prefixcache serve the restarted one."
+        )
+        body = []
+        for name in [c for c in ("ls_cold", "pc_cold", "ls_default", "pc") if c in tl]:
+            rows = tl[name]
+            body.append(
+                [
+                    COLUMNS[name],
+                    ms(med([wait_s(r) for r in rows])),
+                    ms(wait_s(rows[-1])),
+                    cached(rows),
+                    ms(total_s(rows)),
+                    exact_cell(name, rows),
+                    *rss_cells(f"tool/{name}"),
+                ]
+            )
+        headers = ["", "TTFT", "last turn", "cached", "total", "exact", "RSS after", "peak RSS"]
+        md.append("\n" + table(headers, body))
+
+    if "overhead" in res:
+        lo = med(res["overhead"]["ls_default"])
+        po = med(res["overhead"]["pc"])
+        md.append("\n### Per-request overhead\n")
+        md.append(
+            f"A 20-token prompt the server already holds, asked {plan['overhead_runs']} times "
+            f"(max_tokens 1, alternating): llama-server {ms(lo)}, prefixcache serve {ms(po)} "
+            f"(medians; {(po - lo) * 1000:+,.0f} ms per request, {po / lo:.1f}{TIMES}): HTTP, "
+            "templating, tokenizing, the prefix lookup and llama-cpp-python's per-request setup "
+            "in Python, against llama-server's C++."
+        )
     md += ["", MARK_END]
     return "\n".join(md)
 
