@@ -133,7 +133,7 @@ def test_the_first_call_writes_the_breakpoint_and_the_second_reads_it(
 
     first = client.messages.create(
         model=MODEL_ID,
-        max_tokens=12,
+        max_tokens=8,
         system=_system("1h"),
         messages=[{"role": "user", "content": first_q}],
         extra_body=GREEDY,
@@ -146,11 +146,11 @@ def test_the_first_call_writes_the_breakpoint_and_the_second_reads_it(
     assert first.usage.cache_creation is not None
     assert first.usage.cache_creation.ephemeral_1h_input_tokens == pinned
     assert first.content[0].type == "text"
-    assert first.content[0].text == cold_reply(_chat(first_q), max_tokens=12)
+    assert first.content[0].text == cold_reply(_chat(first_q), max_tokens=8)
 
     second = client.messages.create(
         model=MODEL_ID,
-        max_tokens=12,
+        max_tokens=8,
         system=_system("1h"),
         messages=[{"role": "user", "content": second_q}],
         extra_body=GREEDY,
@@ -164,7 +164,7 @@ def test_the_first_call_writes_the_breakpoint_and_the_second_reads_it(
         "cache_read_input_tokens": read,
     }
     assert second.content[0].type == "text"
-    assert second.content[0].text == cold_reply(_chat(second_q), max_tokens=12)
+    assert second.content[0].text == cold_reply(_chat(second_q), max_tokens=8)
 
     counted = client.messages.count_tokens(
         model=MODEL_ID, system=SYSTEM, messages=[{"role": "user", "content": second_q}]
@@ -226,7 +226,7 @@ def test_a_tool_loop_answers_from_the_tool_result(
     ]
     answer = client.messages.create(
         model=MODEL_ID,
-        max_tokens=16,
+        max_tokens=8,
         system=SYSTEM,
         tools=[TOOL],
         tool_choice={"type": "none"},
@@ -259,7 +259,7 @@ def test_a_tool_loop_answers_from_the_tool_result(
         {"role": "tool", "tool_call_id": use.id, "content": "14 units"},
     ]
     folded, _ = template.messages_for(openai, [tool])
-    assert answer.content[0].text == cold_reply(folded, max_tokens=16)
+    assert answer.content[0].text == cold_reply(folded, max_tokens=8)
     # The second turn restored the first turn's prompt (its system prompt and tools at least).
     assert answer.usage.cache_read_input_tokens is not None
     assert answer.usage.cache_read_input_tokens >= len(template.prefix_tokens(folded[:2]))
