@@ -334,3 +334,21 @@ def test_cli_takes_a_template_file_and_shows_checkpoints(
     result = run("--model", model, "prewarm", recipe)
     assert result.exit_code == 1 and "no chat template" in result.output
     assert "--chat-template-file" in result.output
+
+
+def test_server_renders_with_the_configured_chat_format(
+    tiny: Callable[[str], Path], store: Path
+) -> None:
+    from prefixcache.server.core import Server, ServerConfig
+
+    config = ServerConfig(
+        model=str(tiny("llama")), store=str(store), n_ctx=TINY_CTX, chat_format="chatml"
+    )
+    config.watch_interval = None
+    server = Server(config)
+    try:
+        server.start()
+        (worker,) = server.workers.values()
+        assert worker.cache.template.identity == "format:chatml"
+    finally:
+        server.close()
