@@ -352,3 +352,30 @@ def test_server_renders_with_the_configured_chat_format(
         assert worker.cache.template.identity == "format:chatml"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "granitehybrid"])
+def test_checkpoint_logits_match_cold_at_every_micro_batch_residue(
+    arch: str, tiny: Callable[[str], Path], store: Path
+) -> None:
+    """With 16-token micro-batches, prompts of 18 consecutive lengths put every residue at the
+    prompt's end (a cold run evaluates the last token alone after a multiple of 16) and at the
+    checkpoint each restores (each call's prompt is autosaved for the next)."""
+    unit = 16
+    path = tiny(arch)
+    cold = llama_cpp.Llama(
+        str(path), n_ctx=TINY_CTX, n_batch=unit, n_ubatch=unit, verbose=False, logits_all=True
+    )
+    differ = []
+    with open_tiny(path, store, n_batch=unit, n_ubatch=unit) as cache:
+        for k in range(18):
+            prompt = HEAD[:31] + OTHER[:k]
+            out = cache.complete(prompt, max_tokens=1, temperature=0)
+            cold.reset()
+            cold.create_completion(prompt, max_tokens=1, temperature=0)
+            warm = cache.llm.scores[len(prompt) - 1]
+            if not np.array_equal(warm, cold.scores[len(prompt) - 1]):
+                differ.append((len(prompt), cached(out)))
+        assert cache.stats()["hits"] > 10  # most calls restored a checkpoint
+    cold.close()
+    assert not differ, f"logits differ from the cold run's for (prompt tokens, cached) {differ}"
