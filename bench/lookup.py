@@ -9,7 +9,8 @@ runs under the model lock), on a real store opened the way the cache opens it (`
 a DiskStore, or a Redis store with its local tier). The store holds, for ``N`` segments:
 
 - namespaces ``agent-0`` and ``agent-1``: the 8k-token prompt as a chain of 8 segments of 1024
-  tokens each, plus 1% of ``N`` one-segment conversations of 64 tokens;
+  tokens each, plus ``--own-share`` of ``N`` (default 1%, half in each) one-segment
+  conversations of 64 tokens;
 - the rest in 14 other namespaces: 64-token conversations (what other tenants and models hold).
 
 Measured (medians), each in its own process: ``fresh``, the first lookup of a process that has
@@ -77,7 +78,7 @@ def _segment(parent: str, root: str, start: int, tokens: list[int], ns: str) -> 
     )
 
 
-def populate(url: str, n: int) -> None:
+def populate(url: str, n: int, own_share: float = 0.01) -> None:
     """Fill the store at ``url`` with ``n`` segments laid out as the module docstring says."""
     from prefixcache.segment import root_key
     from prefixcache.store import open_store
@@ -94,11 +95,13 @@ def populate(url: str, n: int) -> None:
             store.put(seg, KV)
             parent = seg.key
             count += 1
-    own = max(1, n // 100)
+    own = max(1, int(n * own_share / 2))
     others = [f"other-{j}" for j in range(OTHER_NAMESPACES)]
     t0 = time.monotonic()
+    small = 0
     while count < n:
-        ns = NAMESPACES[count % 2] if count < 2 * own else others[count % len(others)]
+        ns = NAMESPACES[small % 2] if small < 2 * own else others[small % len(others)]
+        small += 1
         root = root_key(DIGEST, ns)
         toks = [rng.randrange(1, 49152) for _ in range(SMALL)]
         store.put(_segment(root, root, 0, toks, ns), KV)
@@ -245,15 +248,15 @@ TARGETS = {"fresh": 0.020, "after_write": 0.005, "steady": 0.001}
 def report(rows: list[dict[str, Any]]) -> str:
     cols = ["fresh", "after_write", "steady", "alternating"]
     lines = [
-        "| store | segments | code | "
+        "| store | segments | looked-up namespaces hold | code | "
         + " | ".join(c.replace("_", " ") + " (ms)" for c in cols)
         + " | rss (MB) |",
-        "|" + " --- |" * (len(cols) + 4),
+        "|" + " --- |" * (len(cols) + 5),
     ]
     for r in rows:
         cells = [f"{r[c] * 1e3:.2f}" for c in cols]
         lines.append(
-            f"| {r['store']} | {r['segments']:,} | {r['code']} | "
+            f"| {r['store']} | {r['segments']:,} | {r['own']:,} | {r['code']} | "
             + " | ".join(cells)
             + f" | {r['rss'] / 2**20:.0f} |"
         )
@@ -266,6 +269,9 @@ def main() -> None:
     parser.add_argument("--stores", nargs="+", default=["disk", "redis"])
     parser.add_argument("--runs", type=int, default=30, help="samples of the warm measurements")
     parser.add_argument("--fresh-runs", type=int, default=5, help="fresh processes")
+    parser.add_argument(
+        "--own-share", type=float, default=0.01, help="share of N in the looked-up namespaces"
+    )
     parser.add_argument("--old", help="a checkout whose prefixcache to measure beside this one")
     parser.add_argument("--old-max", type=int, default=100_000, help="largest N for --old")
     parser.add_argument("--json", help="write the rows here")
@@ -297,7 +303,7 @@ def main() -> None:
                 try:
                     t0 = time.monotonic()
                     print(f"{kind}, {n:,} segments: filling", file=sys.stderr)
-                    populate(url, n)
+                    populate(url, n, args.own_share)
                     print(f"  filled in {time.monotonic() - t0:.0f}s", file=sys.stderr)
                     codes = [("new", here)]
                     if args.old and n <= args.old_max:
@@ -306,7 +312,9 @@ def main() -> None:
                         runs = args.runs if code == "new" else max(3, args.runs // 10)
                         fresh_runs = args.fresh_runs if code == "new" else 3
                         row = measure(path, url, runs, fresh_runs)
-                        rows.append({"store": kind, "segments": n, "code": code, **row})
+                        own = 2 * (len(range(0, PROMPT_TOKENS, CHAIN_SEGMENT)))
+                        own += 2 * max(1, int(n * args.own_share / 2))
+                        rows.append({"store": kind, "segments": n, "own": own, "code": code, **row})
                         print(report(rows[-1:]).splitlines()[-1], file=sys.stderr)
                 finally:
                     if redis_proc is not None:

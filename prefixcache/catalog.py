@@ -125,8 +125,10 @@ class Catalog:
     @staticmethod
     def _removed(known: Known, key: str) -> None:
         """A segment left the store: drop it; its descendants wait for it to come back."""
-        for waiting in known.waiting.values():  # rare: only while some chain has a hole
-            waiting.pop(key, None)
+        for parent in [p for p, w in known.waiting.items() if key in w]:  # rare: chains with holes
+            del known.waiting[parent][key]
+            if not known.waiting[parent]:
+                del known.waiting[parent]
         if key not in known.index:
             known.segments.pop(key, None)
             return

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_redis import RedisServer
+from test_redis import RedisServer, cluster  # noqa: F401 (cluster: a fixture used below)
 
 from prefixcache.catalog import Catalog
 from prefixcache.segment import Segment, checksum, root_key, segment_key
-from prefixcache.store import DiskStore, open_store
+from prefixcache.store import DiskStore, Store, open_store
+from prefixcache.store.redis import RedisStore
 
 WORKER = Path(__file__).parent / "workers" / "index_worker.py"
 DIGEST = "c" * 64  # the worker's fingerprint digest
@@ -92,7 +93,7 @@ class CountingStore(DiskStore):
         return super().keys()
 
 
-def _put(store: DiskStore, ns: str, tokens: list[int]) -> Segment:
+def _put(store: Store, ns: str, tokens: list[int]) -> Segment:
     root = root_key(DIGEST, ns)
     seg = Segment(
         key=segment_key(root, tokens),
@@ -130,3 +131,19 @@ def test_a_lookup_after_another_process_wrote_reads_only_what_changed(tmp_path: 
     assert catalog.sync("b").index.match([1, 2, 3]).length == 0
     catalog.sync("a")  # switching back keeps a's index: nothing to read again
     assert reader.reads == 0  # no segment read one by one, no listing of the store's keys
+
+
+def test_the_change_log_works_on_a_redis_cluster(cluster: list[RedisServer]):  # noqa: F811
+    store = RedisStore(cluster[0].url(cluster="1"))
+    catalog = Catalog(store, Fingerprint())  # type: ignore[arg-type]
+    first = _put(store, "a", [1, 2, 3])
+    assert catalog.sync("a").index.match([1, 2, 3, 4]).chain == (first.key,)
+    for i in range(20):  # segments spread over the nodes' slots
+        _put(store, "a", [5, i])
+    store.delete(first.key)
+    known = catalog.sync("a")
+    assert first.key not in known.segments and len(known.segments) == 20
+    assert known.index.match([5, 7]).length == 2
+    assert store.gc().broken == 0
+    assert Catalog(store, Fingerprint()).sync("a").segments.keys() == known.segments.keys()  # type: ignore[arg-type]
+    store.close()
