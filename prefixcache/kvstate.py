@@ -286,7 +286,7 @@ class LlamaKV:
         done = start
         for end in sorted(ends):
             self._evaluate_run(tokens[done - start : end - start], progress, done - start, total)
-            if self.memory.checkpoints and (end < start + total or not last_alone):
+            if self.memory.checkpoints and end > done and (end < start + total or not last_alone):
                 self._snapshots[end] = self._snapshot(done, end)
             done = end
         assert self.llm.n_tokens == start + total
