@@ -9,6 +9,7 @@ its own namespace, never the segments of other namespaces.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -147,3 +148,27 @@ def test_the_change_log_works_on_a_redis_cluster(cluster: list[RedisServer]):  #
     assert store.gc().broken == 0
     assert Catalog(store, Fingerprint()).sync("a").segments.keys() == known.segments.keys()  # type: ignore[arg-type]
     store.close()
+
+
+def test_a_store_written_before_the_change_log_is_indexed_once(tmp_path: Path):
+    path = tmp_path / "store"
+    store = DiskStore(path)
+    seg = _put(store, "a", [1, 2, 3])
+    store.close()
+    # What a store written by an earlier version looks like: no log table, no format mark.
+    with sqlite3.connect(path / "cache.db") as db:
+        db.execute("DROP TABLE prefixcache_index")
+        db.execute("DELETE FROM Cache WHERE key = 'index-format'")
+    catalog = Catalog(DiskStore(path), Fingerprint())  # type: ignore[arg-type]
+    assert catalog.sync("a").index.match([1, 2, 3]).chain == (seg.key,)
+
+
+def test_a_redis_store_written_before_the_change_log_is_indexed_once(redis_url: str):
+    store = RedisStore(redis_url)
+    seg = _put(store, "a", [1, 2, 3])
+    client = store.client
+    for name in client.keys("pc:{idx}:*"):
+        if name.decode().split(":")[2] in ("rows", "log", "dead", "floor", "index-format"):
+            client.delete(name)
+    catalog = Catalog(RedisStore(redis_url), Fingerprint())  # type: ignore[arg-type]
+    assert catalog.sync("a").index.match([1, 2, 3]).chain == (seg.key,)

@@ -143,13 +143,13 @@ class DiskStore:
 
     def _reindex(self) -> None:
         """Make the index table match the segment records (at open after an upgrade, in gc)."""
-        records = {}
-        for key in list(self._cache.iterkeys()):
-            if key.startswith(_SEG):
-                text = self._cache.get(key)
-                if text is not None:
-                    records[key[len(_SEG) :]] = text
-        with self._cache.transact():
+        with self._cache.transact():  # one snapshot of records and rows
+            records = {}
+            for key in list(self._cache.iterkeys()):
+                if key.startswith(_SEG):
+                    text = self._cache.get(key)
+                    if text is not None:
+                        records[key[len(_SEG) :]] = text
             rows = {k for (k,) in self._sql(f"SELECT key FROM {_TABLE} WHERE segment IS NOT NULL")}
             missing = records.keys() - rows
             stale = rows - records.keys()
