@@ -256,7 +256,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "TTFT",
         "vs cold",
         "= cold output",
-        "reply prefilled ahead (before the next turn)",
+        "reply tokens prefilled ahead when the next turn was sent",
         "other load (cores)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -300,7 +300,10 @@ def section(rows: list[dict[str, Any]], command: str) -> str:
             "(the default) prefills it in the background during the tool time, and a request "
             "that comes first takes the model back within one micro-batch (512 tokens), keeping "
             "what was done. TTFT is wall time on a shared 2-core machine (median other load "
-            f"{medians:.2f} cores): the token counts are the stable measure.",
+            f"{medians:.2f} cores): the token counts are the stable measure. Where the tool "
+            "time is shorter than the reply's prefill, the micro-batch in flight when the "
+            "next turn is sent is finished first (the next turn waits for it, but those are "
+            "tokens it would have prefilled itself) and the rest is left to the next turn.",
             "",
             table(rows),
             "",
