@@ -859,7 +859,12 @@ class RedisStore:
             gen, rows, log_, dead, floor = self._log_keys(root)
             have = {k.decode() for k in self._call(lambda rows=rows: self.client.hkeys(rows))}
             for key in have - segments.keys():
-                self._run(_UNINDEX, [gen, rows, log_, dead, floor], [key, TOMBSTONE_HORIZON])
+                self._run(
+                    _UNINDEX,
+                    [gen, rows, log_, dead, floor],
+                    [key, TOMBSTONE_HORIZON],
+                    allow_oom=True,
+                )
             for key, seg in segments.items():
                 if seg.root == root and key not in have:
                     self._run(
@@ -877,7 +882,7 @@ class RedisStore:
             with self.lock("index-upgrade", timeout=600):
                 if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
                     self._reindex({s.key: s for s in self.segments()})
-                    self._call(lambda: self.client.set(self._format, _INDEX_VERSION))
+                    self._run(_SET_NX, [self._format], [_INDEX_VERSION], allow_oom=True)
         self._indexed = True
 
     def changes(self, root: str, since: int) -> IndexDelta:
