@@ -703,6 +703,13 @@ def report(res: dict[str, Any], elapsed: float, command: str) -> str:
         )
     headers = ["", "first", "switch back", "cached", "total", "exact", "RSS after", "peak RSS"]
     md.append("\n" + table([*headers, "disk"], body))
+    for name in ("ls_1slot", "ls_default", "pc"):
+        differ = [tuple(r["key"]) for r in sw[name] if not r["exact"]]
+        if differ:
+            md.append(
+                f"\n{COLUMNS[name]}: replies unlike the cold run's at (agent, round) "
+                f"{', '.join(str(k) for k in differ)}."
+            )
     saves = [r["after_s"] for r in sw["ls_1slot"]]
     md.append(
         "\nThe 1-slot llama-server also saved its slot to a file after every request (`POST "
