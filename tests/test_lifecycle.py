@@ -165,7 +165,9 @@ def test_autosave_under_a_quota_evicts_but_keeps_the_pin(open_cache, cold_reply)
 def test_quarantine_takes_descendants_along(open_cache, store):
     cache = open_cache()
     info = cache.pin([SYSTEM], name="hw")
-    cache.chat([SYSTEM, {"role": "user", "content": "child turn"}], max_tokens=2)
+    # No reply prefilled ahead: the test counts the prompt's descendants only.
+    turn = [SYSTEM, {"role": "user", "content": "child turn"}]
+    cache.chat(turn, max_tokens=2, prefill_replies=False)
     assert len(cache.store.keys()) == 2
     seg = cache.store.get(info.key)
     assert seg is not None
@@ -176,7 +178,7 @@ def test_quarantine_takes_descendants_along(open_cache, store):
     data[100] ^= 1
     path.write_bytes(bytes(data))
     fresh = open_cache()
-    fresh.chat([SYSTEM, {"role": "user", "content": "child turn"}], max_tokens=2)
+    fresh.chat(turn, max_tokens=2, prefill_replies=False)
     assert info.key not in set(fresh.store.keys())
     assert fresh.store.get_doc("quarantine")[info.key]["descendants"] == 1
 
