@@ -738,7 +738,7 @@ class PrefixCache:
             raise PrefixCacheError("the prompt is empty")
         return tokens
 
-    def _autosave(self, ns: str, prepared: Prepared) -> None:
+    def _autosave(self, ns: str, prepared: Prepared, cut: int | None = None) -> None:
         """Store the prompt of the call just made, so the next turn restores all of it.
 
         The reply is not stored: tokens decoded one at a time have KV that differs in the last
@@ -747,6 +747,10 @@ class PrefixCache:
         autosave then stores both. Storing is an optimisation: the answer is already made, so a
         failure here (a full disk, a store that is down, a lock timeout) is logged and counted
         in ``stats()["store_errors"]``, never raised.
+
+        ``cut``: where the prompt's last message begins. A segment ends there, so the next call
+        that shares everything before it but asks something else (another question on the same
+        system prompt) chains from that segment instead of storing a second copy of it.
         """
         end = common_prefix_length(self.kv.live_tokens(), prepared.tokens)
         if end <= 0:
@@ -757,6 +761,7 @@ class PrefixCache:
                 end,
                 ns,
                 label="autosave",
+                boundaries=() if cut is None else (cut,),
                 min_span=self.calibration.min_span_tokens(),
             )
         except Exception as exc:  # see the docstring

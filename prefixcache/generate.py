@@ -35,6 +35,8 @@ Start = Callable[[], tuple[list[int], Callable[..., Any]]]
 #: ``follow(namespace, save, prepared, reply)``: run under the model lock once a call's reply
 #: (an assistant message) is complete.
 Follow = Callable[[str, bool, "Prepared", dict[str, Any]], None]
+#: ``cut(prompt tokens)``: where a chat prompt's last message begins, or None.
+Cut = Callable[[list[int]], "int | None"]
 
 
 @dataclass
@@ -123,6 +125,9 @@ def chat(
     def follow(ns: str, save: bool, prepared: Prepared, reply: dict[str, Any]) -> None:
         cache.ahead.schedule(call.messages, reply, call.tools, ns, prepared.tokens, save=save)
 
+    def cut(tokens: list[int]) -> int | None:
+        return cache.template.turn_start(call.messages, call.tools, tokens)
+
     return generate(
         cache,
         start,
@@ -133,6 +138,7 @@ def chat(
         options,
         parse,
         follow if prefill_replies else None,
+        cut,
     )
 
 
@@ -168,12 +174,14 @@ def generate(
     kwargs: dict[str, Any],
     parser: ToolParser | None = None,
     follow: Follow | None = None,
+    cut: Cut | None = None,
 ) -> Any:
     """Run one call: restore, let llama-cpp-python evaluate the suffix and generate, autosave.
 
     ``start()`` is called under the model lock. With a ``parser`` the reply's tool calls are
     moved into ``tool_calls`` (``delta.tool_calls`` when streaming). ``follow`` is given the
-    reply of a chat call that ran to its end.
+    reply of a chat call that ran to its end. ``cut`` gives where the prompt's last message
+    begins, for autosave to end a segment there.
     """
     ns = cache.namespace if namespace is None else namespace
     save = cache.autosave if autosave is None else autosave
@@ -195,6 +203,7 @@ def generate(
                 parser,
                 restore,
                 follow,
+                cut,
             )
 
         return CallStream(body, cache._lock, restore)
@@ -207,7 +216,7 @@ def generate(
         usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
         _after_call(cache, prepared, time.perf_counter() - t0, usage.get("completion_tokens", 0))
         if save:
-            cache._autosave(ns, prepared)
+            cache._autosave(ns, prepared, cut(tokens) if cut is not None else None)
         if parser is not None:
             result = parse_completion(result, parser)
         if follow is not None:
@@ -251,6 +260,7 @@ def _stream_chunks(
     parser: ToolParser | None,
     restore: _Restore,
     follow: Follow | None = None,
+    cut: Cut | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The body of a streaming call; runs under the model lock on the Stream's thread."""
     tokens, call = start()
@@ -279,7 +289,7 @@ def _stream_chunks(
         chunks.close()
     _after_call(cache, prepared, time.perf_counter() - t0, n_chunks)
     if save:
-        cache._autosave(ns, prepared)
+        cache._autosave(ns, prepared, cut(tokens) if cut is not None else None)
     if follow is not None and not cancel.is_set():
         reply = (
             rewriter.reply.message()

@@ -274,6 +274,28 @@ class ChatTemplate:
             )
         return prefix
 
+    def turn_start(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]] | None,
+        tokens: Sequence[int],
+    ) -> int | None:
+        """Where the last of ``messages`` begins in ``tokens`` (their prompt), or None.
+
+        Found with one render of the messages before it and a probe message of another role in
+        its place: the tokens both renderings share. Autosave cuts there, so that conversations
+        that share all but their last message share one stored copy of what comes before it.
+        Cheaper than :meth:`prefix_tokens` (one render, not one per probe) and only a hint: any
+        cut is correct, a cut a few tokens off only shares less.
+        """
+        if len(messages) < 2:
+            return None
+        role = "user" if self._message(messages[-1]).get("role") == "assistant" else "assistant"
+        other = self._try_tokens([*messages[:-1], {"role": role, "content": _PROBES[0]}], tools)
+        if other is None:
+            return None
+        return common_prefix_length(tokens, other) or None
+
     def _try_tokens(
         self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None
     ) -> list[int] | None:

@@ -17,6 +17,7 @@ from prefixcache import (
     PromptTooLongError,
     open_store,
 )
+from prefixcache.cache import SPLIT_MIN_TOKENS
 from prefixcache.radix import common_prefix_length
 
 
@@ -115,6 +116,26 @@ def test_branches_share_the_pinned_segment(open_cache, cold_reply, store):
     grown = open_store(store).total_bytes() - pinned_bytes
     per_token = pinned_bytes / info.n_tokens
     assert 0 < grown < 2 * 20 * per_token
+
+
+def test_conversations_that_differ_in_their_last_message_store_the_rest_once(
+    open_cache, cold_reply, store
+):
+    questions = ("What paint do you sell?", "Are you open on Sunday?")
+    for question in questions:
+        reply = open_cache().chat(ask(question), max_tokens=4, temperature=0, prefill_replies=False)
+        assert text(reply) == cold_reply(ask(question), max_tokens=4)
+    first, second = (open_cache().template.tokens(ask(q)) for q in questions)
+    s = open_store(store)
+    segments = [s.get(key) for key in sorted(s.keys())]
+    # Autosave ended a segment where the question begins, so the second call chained from it
+    # instead of storing the system prompt again.
+    assert sum(seg.start == 0 for seg in segments) == 1
+    # Past the cut the two questions share a few tokens ("user\n"); a branch that short is not
+    # split off (SPLIT_MIN_TOKENS), so only those are stored twice.
+    unique = len(first) + len(second) - common_prefix_length(first, second)
+    stored = sum(len(seg.tokens) for seg in segments)
+    assert unique <= stored < unique + SPLIT_MIN_TOKENS
 
 
 def test_match_ending_inside_a_segment_restores_and_trims(open_cache, cold_reply):
