@@ -388,14 +388,9 @@ class LlamaKV:
         """
         llm = self.llm
         end = start + len(tokens)
-        if end > self.n_ctx:
-            raise PromptTooLongError(end, self.n_ctx, "restored prefix")
+        buf = self._state_buffer(data, nbytes, end)
         ctx = llm._ctx.ctx
         mem = self._mem
-        view = memoryview(data).cast("B")
-        if len(view) < nbytes:
-            raise CorruptSegmentError("?", "buffer shorter than the segment")
-        buf = (ctypes.c_uint8 * nbytes).from_buffer_copy(view[:nbytes])
         self.truncate(0)
         loaded = llama_cpp.llama_state_seq_set_data(ctx, buf, nbytes, CONVERSATION)
         hi = llama_cpp.llama_memory_seq_pos_max(mem, CONVERSATION)
@@ -411,6 +406,18 @@ class LlamaKV:
         self.exact = end
         self._snapshots = {}
         llm._requires_eval = True
+
+    def _state_buffer(self, data: Any, nbytes: int, end: int) -> Any:
+        """``nbytes`` of ``data`` as the ctypes array llama.cpp reads a state from (the same
+        memory when ``data`` is writable, a copy otherwise), for a state that ends at ``end``."""
+        if end > self.n_ctx:
+            raise PromptTooLongError(end, self.n_ctx, "restored prefix")
+        view = memoryview(data).cast("B")
+        if len(view) < nbytes:
+            raise CorruptSegmentError("?", "buffer shorter than the segment")
+        if view.readonly:
+            return (ctypes.c_uint8 * nbytes).from_buffer_copy(view[:nbytes])
+        return (ctypes.c_uint8 * nbytes).from_buffer(view)
 
     def buffer(self, nbytes: int) -> memoryview:
         """A reusable buffer to read segment bytes into (no allocation per restore)."""
@@ -431,16 +438,9 @@ class LlamaKV:
         if llm.n_tokens != start:
             raise ValueError(f"restore at {start} but {llm.n_tokens} tokens are live")
         end = start + len(tokens)
-        if end > self.n_ctx:
-            raise PromptTooLongError(end, self.n_ctx, "restored prefix")
+        buf = self._state_buffer(data, nbytes, end)
         ctx = llm._ctx.ctx
         mem = self._mem
-        view = memoryview(data).cast("B")
-        if len(view) < nbytes:
-            raise CorruptSegmentError("?", "buffer shorter than the segment")
-        buf = (ctypes.c_uint8 * nbytes).from_buffer(view) if not view.readonly else None
-        if buf is None:
-            buf = (ctypes.c_uint8 * nbytes).from_buffer_copy(view[:nbytes])
         llama_cpp.llama_memory_seq_rm(mem, SCRATCH, -1, -1)
         try:
             loaded = llama_cpp.llama_state_seq_set_data(ctx, buf, nbytes, SCRATCH)
