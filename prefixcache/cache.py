@@ -121,6 +121,8 @@ class PrefixCache:
         store: a path, a URL or a Store (None: ``$PREFIXCACHE_DIR`` or the user cache dir).
         namespace: keeps tenants apart: segments of one namespace are never seen by another.
         autosave: store the new part of every conversation after each call.
+        prefill_replies: the default of ``chat(prefill_replies=...)``: prefill each reply in the
+            background for the next turn (see :meth:`prefill_ahead`).
         quota_gb: store size limit; unpinned segments are evicted LRU beyond it.
         segment_tokens: chunk size of stored segments.
         store_key: a secret shared by the processes that trust each other's segments (None:
@@ -142,6 +144,7 @@ class PrefixCache:
         *,
         namespace: str = "",
         autosave: bool = True,
+        prefill_replies: bool = True,
         quota_gb: float | None = None,
         segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
         store_key: str | bytes | None = None,
@@ -162,6 +165,7 @@ class PrefixCache:
         self.store = open_store(store)
         self.namespace = namespace
         self.autosave = autosave
+        self.prefill_replies = prefill_replies
         self.quota_bytes = None if quota_gb is None else int(quota_gb * 1e9)
         self.segment_tokens = self.kv.memory.segment_tokens(segment_tokens)
         self._stats = Stats()
@@ -208,6 +212,7 @@ class PrefixCache:
         verbose: bool = False,
         namespace: str = "",
         autosave: bool = True,
+        prefill_replies: bool = True,
         quota_gb: float | None = None,
         store_key: str | bytes | None = None,
         tool_parser: str | ToolParser | None = None,
@@ -239,6 +244,7 @@ class PrefixCache:
                 store,
                 namespace=namespace,
                 autosave=autosave,
+                prefill_replies=prefill_replies,
                 quota_gb=quota_gb,
                 store_key=store_key,
                 tool_parser=tool_parser,
@@ -634,7 +640,7 @@ class PrefixCache:
         namespace: str | None = None,
         autosave: bool | None = None,
         tool_parser: str | ToolParser | None = None,
-        prefill_replies: bool = True,
+        prefill_replies: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """An OpenAI-shaped chat completion that starts from the longest stored prefix.
@@ -650,7 +656,8 @@ class PrefixCache:
         iterator of chunks is returned (tool calls as ``delta.tool_calls``); pass
         ``stream_options={"include_usage": True}`` for a final usage chunk.
 
-        ``prefill_replies``: once the reply is made (a stream: read to its end), prefill the
+        ``prefill_replies`` (None: the cache's ``prefill_replies``, True unless opened
+        otherwise): once the reply is made (a stream: read to its end), prefill the
         next turn's prefix, this conversation with the reply, in the background while the
         model is idle, so that the next turn prefills only its new messages (see
         :meth:`prefill_ahead`). The Llama is then busy until :meth:`idle`: use it through this
@@ -664,7 +671,7 @@ class PrefixCache:
             namespace=namespace,
             autosave=autosave,
             tool_parser=tool_parser,
-            prefill_replies=prefill_replies,
+            prefill_replies=self.prefill_replies if prefill_replies is None else prefill_replies,
             kwargs=kwargs,
         )
 

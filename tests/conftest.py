@@ -32,6 +32,21 @@ SYSTEM = {
 }
 
 
+#: A function tool (OpenAI's shape) the server and reply-prefill tests ask the model to call.
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "stock_level",
+        "description": "How many units of a product are in stock.",
+        "parameters": {
+            "type": "object",
+            "properties": {"sku": {"type": "string"}},
+            "required": ["sku"],
+        },
+    },
+}
+
+
 def ask(question: str) -> list[dict[str, str]]:
     """A conversation: the shared system prompt and one user question."""
     return [SYSTEM, {"role": "user", "content": question}]

@@ -13,24 +13,14 @@ import threading
 import time
 from typing import Any
 
-from conftest import cached, text
+from conftest import N_CTX, TOOL, cached, text
 
 from prefixcache import PrefixCache
+from prefixcache.config import resolve_model
+from prefixcache.server.core import Server, ServerConfig
 from prefixcache.server.worker import ModelWorker, collect_call
 
 SHORT = {"role": "system", "content": "You are the terse assistant of a hardware store."}
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "stock_level",
-        "description": "How many units of a product are in stock.",
-        "parameters": {
-            "type": "object",
-            "properties": {"sku": {"type": "string"}},
-            "required": ["sku"],
-        },
-    },
-}
 
 
 def turn(question: str) -> list[dict[str, Any]]:
@@ -137,6 +127,21 @@ def test_one_shot_calls_and_prefill_replies_false_prefill_nothing(open_cache):
     assert cache.idle(timeout=0)
     stats = cache.stats()
     assert stats["reply_prefill_tokens"] == stats["reply_prefill_runs"] == 0
+
+
+def test_a_cache_opened_without_reply_prefill_prefills_nothing(store):
+    # As `prefixcache serve --no-prefill-replies` opens its models.
+    server = Server(ServerConfig(store=str(store), n_ctx=N_CTX, prefill_replies=False))
+    try:
+        cache = server._worker_for(resolve_model(None), []).cache
+        cache.chat(turn("Hi"), max_tokens=4, temperature=0)
+        assert cache.idle(timeout=0)
+        assert cache.stats()["reply_prefill_runs"] == 0
+        cache.chat(turn("Hi"), max_tokens=4, temperature=0, prefill_replies=True)
+        assert cache.idle(timeout=300)
+        assert cache.stats()["reply_prefill_runs"] == 1  # the call's own choice still counts
+    finally:
+        server.close()
 
 
 def test_the_server_prefills_a_reply_only_when_the_models_queue_is_empty(open_cache):

@@ -25,7 +25,7 @@ import httpx
 import llama_cpp
 import openai
 import pytest
-from conftest import N_CTX, SYSTEM
+from conftest import N_CTX, SYSTEM, TOOL
 
 from prefixcache.errors import RecipeError
 from prefixcache.prewarm import prewarm
@@ -35,18 +35,6 @@ from prefixcache.server.assemble import Assembler
 from prefixcache.template import ChatTemplate
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "stock_level",
-        "description": "How many units of a product are in stock.",
-        "parameters": {
-            "type": "object",
-            "properties": {"sku": {"type": "string"}},
-            "required": ["sku"],
-        },
-    },
-}
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 
 

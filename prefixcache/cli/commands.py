@@ -347,6 +347,13 @@ def serve_cmd(
             "length), none asked gets this; 0: no cap (up to the context).",
         ),
     ] = 1024,
+    prefill_replies: Annotated[
+        bool,
+        typer.Option(
+            help="Prefill each chat reply for its conversation's next turn while the model's "
+            "queue is empty.",
+        ),
+    ] = True,
 ) -> None:
     """An OpenAI-compatible HTTP server with the prefix cache built in."""
     opts = options(ctx)
@@ -384,4 +391,5 @@ def serve_cmd(
         max_tokens_cap=max_tokens_cap or None,
         chat_template=opts.chat_template,
         chat_format=opts.chat_format,
+        prefill_replies=prefill_replies,
     )

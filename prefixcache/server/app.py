@@ -398,6 +398,7 @@ def serve(
     max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
     chat_template: str | None = None,
     chat_format: str | None = None,
+    prefill_replies: bool = True,
 ) -> None:
     """Load the models, prewarm the recipes, and serve until interrupted.
 
@@ -408,6 +409,7 @@ def serve(
     ``max_tokens_cap`` bounds every request's ``max_tokens`` (and is the default for requests
     without one); None or 0: no cap. ``chat_template`` (Jinja text or a file) or ``chat_format``
     (a llama-cpp-python format) renders conversations for models whose recipes name none.
+    ``prefill_replies``: prefill each chat reply for the next turn while the model is idle.
     """
     config = ServerConfig(
         recipe_paths=[Path(p) for p in recipes],
@@ -425,6 +427,7 @@ def serve(
         max_tokens_cap=max_tokens_cap,
         chat_template=chat_template,
         chat_format=chat_format,
+        prefill_replies=prefill_replies,
     )
     server = Server(config)
     try:

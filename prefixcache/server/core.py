@@ -71,6 +71,8 @@ class ServerConfig:
     #: recipes name none in their model section (None: the GGUF's template).
     chat_template: str | None = None
     chat_format: str | None = None
+    #: Prefill each reply for its conversation's next turn while the model's queue is empty.
+    prefill_replies: bool = True
 
     def recipe_roots(self) -> list[Path] | None:
         """The folders recipes may read from, or None for anywhere."""
@@ -199,6 +201,7 @@ class Server:
                 store_key=self.config.store_key,
                 chat_template=template,
                 chat_format=chat_format,
+                prefill_replies=self.config.prefill_replies,
             )
             worker = ModelWorker(model_id(model), cache, self.config.max_queue)
             self.workers = MappingProxyType({**self.workers, worker.id: worker})
