@@ -60,9 +60,11 @@ def main() -> None:
                 max_tokens=cmd.get("max_tokens", 16),
                 temperature=0,
             )
+            # The reply is prefilled ahead for a next turn and segments fetched from Redis are
+            # copied to the local tier, both in the background: wait for them, so that what the
+            # next command (of this worker or another) finds does not depend on timing.
+            cache.idle()
             after = cache.stats()
-            # Segments fetched from Redis are copied to the local tier in the background: wait,
-            # so that what the next command finds there does not depend on timing.
             getattr(cache.store, "flush", lambda: None)()
             out = {
                 "content": reply["choices"][0]["message"]["content"],
