@@ -255,4 +255,10 @@ def test_corrupt_segment_falls_back_to_prefill(open_cache, cold_reply, store, da
     assert text(reply) == cold_reply(ask("What is a hammer for?"))
     assert "corrupt" in caplog.text and "quarantined" in caplog.text
     assert cache.stats()["corrupt_segments"] == 1
-    assert open_store(store).get(info.key) is None  # quarantined, never tried again
+    # The damaged bytes were quarantined; autosave then stored the system prompt again from this
+    # call's own prefill (a segment ends where the question begins), and that copy restores.
+    again = open_store(store).get(info.key)
+    assert again is not None and again.label == "autosave"
+    reply = open_cache().chat(ask("What is a hammer for?"), max_tokens=24, temperature=0)
+    assert cached(reply) >= info.n_tokens
+    assert text(reply) == cold_reply(ask("What is a hammer for?"))
