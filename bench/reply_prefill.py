@@ -55,7 +55,7 @@ TOOL_OUTPUT = {
     "content": "run_tests output: 14 passed, 1 failed: test_parse_duration_empty "
     "(ValueError not raised for ''). Fix the failing test.",
 }
-MARKER = "<!-- reply_prefill -->"
+MARKER = "<!-- reply_prefill: written by bench/reply_prefill.py -->"
 
 
 def ended_only_at(llm: llama_cpp.Llama) -> dict[int, float]:
@@ -311,14 +311,14 @@ def section(rows: list[dict[str, Any]], command: str) -> str:
             f"{only_new} of them the next turn prefilled only its new message (the tool output, "
             "'new': the tokens after the boundary that follows the reply; one more where a "
             "cold run's batches make it give one back).",
-            MARKER.replace("<!--", "<!-- /"),
+            "<!-- /reply_prefill -->",
         ]
     )
 
 
 def write(path: Path, text: str) -> None:
     old = path.read_text() if path.exists() else ""
-    end = MARKER.replace("<!--", "<!-- /")
+    end = "<!-- /reply_prefill -->"
     pattern = re.compile(re.escape(MARKER) + ".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text
     path.write_text(new.rstrip() + "\n")
