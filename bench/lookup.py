@@ -29,8 +29,6 @@ import json
 import os
 import random
 import resource
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -213,35 +211,6 @@ def measure(pythonpath: str, url: str, runs: int, fresh_runs: int) -> dict[str, 
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("redis-server did not start") from None
-            time.sleep(0.05)
-
-
 TARGETS = {"fresh": 0.020, "after_write": 0.005, "steady": 0.001}
 
 
@@ -296,6 +265,8 @@ def main() -> None:
                 work.mkdir()
                 redis_proc = None
                 if kind == "redis":
+                    from redis_ttft import start_redis  # the bench folder, as fleet.py does
+
                     redis_proc, port = start_redis(work)
                     url = f"redis://127.0.0.1:{port}/0?local={work / 'tier'}"
                 else:
