@@ -1258,6 +1258,7 @@ def main() -> None:
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the run, not after it: nothing is lost
     if args.report_only:
         res = json.loads(Path(args.report_only).read_text())
         plan = QUICK if res["quick"] else FULL
