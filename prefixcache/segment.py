@@ -108,7 +108,7 @@ class Segment:
                 parent=str(data["parent"]),
                 root=str(data["root"]),
                 start=int(data["start"]),
-                tokens=tuple(int(t) for t in data["tokens"]),
+                tokens=tuple(map(int, data["tokens"])),
                 nbytes=int(data["nbytes"]),
                 checksum=str(data["checksum"]),
                 fingerprint=str(data["fingerprint"]),
