@@ -12,7 +12,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from .lifecycle import Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
 from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
+from .store.base import MapsKV
 from .stream import model_lock
 from .template import ChatTemplate, Message
 from .tools import ToolParser, get_parser, parser_for_template
@@ -172,6 +174,9 @@ class PrefixCache:
         #: Replies prefilled in the background for the next turn (see prefixcache.ahead).
         self.ahead = ReplyPrefill(self)
         self._reported: set[tuple[str, type]] = set()
+        #: Segments restored whose hits are not recorded yet: a call records them once its reply
+        #: is made, so that the store's bookkeeping writes are not on the way to its first token.
+        self._hits: list[str] = []
         self.integrity = Integrity.from_config(store_key)
         # The memo of model-file digests decides the fingerprint: with a store key it is sealed
         # (and kept per key), so a writer without the key cannot pass one model off as another.
@@ -331,16 +336,12 @@ class PrefixCache:
         todo = [s for s in chain if s.end > live]
         self.kv.truncate(todo[0].start)
         restored_bytes = 0
-        now = time.time()
         for seg in todo:
             if not self._load(known, seg):
                 break
             restored_bytes += seg.nbytes
             self._stats.segments_restored += 1
-            try:
-                self.store.touch(seg.key, now)
-            except _STORE_FAILURES as exc:
-                self._store_failed("recording a hit", exc)
+            self._hits.append(seg.key)
         cached = min(match.length, self.llm.n_tokens)
         if cached < match.length:
             diverged = restore_failed(cached, match.length)
@@ -358,13 +359,12 @@ class PrefixCache:
         Only bytes that fail their checksum are quarantined; a segment that is intact but that
         llama.cpp refuses here stays in the store for the processes that can use it.
         """
-        buf = self.kv.buffer(seg.nbytes)
         try:
-            self.store.read_kv(seg, buf)
-            if not checksum_matches(buf, seg.checksum):
-                raise CorruptSegmentError(seg.key, "checksum mismatch")
-            self.integrity.verify(seg, buf)
-            self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
+            with self._segment_bytes(seg) as buf:
+                if not checksum_matches(buf, seg.checksum):
+                    raise CorruptSegmentError(seg.key, "checksum mismatch")
+                self.integrity.verify(seg, buf)
+                self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
             return True
         except CorruptSegmentError as exc:
             try:
@@ -380,6 +380,29 @@ class PrefixCache:
             self._store_failed("reading a segment", exc)
         return False
 
+    @contextmanager
+    def _segment_bytes(self, seg: Segment) -> Iterator[memoryview]:
+        """A segment's KV bytes for the block: mapped from the store where it can (no copy:
+        llama.cpp loads them from the page cache), else read into the reusable buffer."""
+        if isinstance(self.store, MapsKV):
+            with self.store.map_kv(seg) as view:
+                if view is not None:
+                    yield view
+                    return
+        buf = self.kv.buffer(seg.nbytes)
+        self.store.read_kv(seg, buf)
+        yield buf
+
+    def _record_hits(self) -> None:
+        """Record the hits of the segments restored since the last time (LRU bookkeeping)."""
+        keys, self._hits = self._hits, []
+        now = time.time()
+        for key in keys:
+            try:
+                self.store.touch(key, now)
+            except _STORE_FAILURES as exc:
+                self._store_failed("recording a hit", exc)
+
     def _store_failed(self, doing: str, exc: BaseException) -> None:
         """Count a store failure that the call survives; log each kind once."""
         self._stats.store_errors += 1
@@ -394,8 +417,13 @@ class PrefixCache:
         """Restore the longest available prefix of ``tokens``, then give back what it takes
         for the suffix to be evaluated as a cold run would (see LlamaKV.suffix_start)."""
         self.kv.validate(tokens, extra)
+        if self._hits:  # left by a call that did not record them (prepare(), an error)
+            self._record_hits()
         if self.kv.memory.checkpoints:
-            return checkpoint.prepare(self, tokens, namespace, generating=generating)
+            prepared = checkpoint.prepare(self, tokens, namespace, generating=generating)
+            if not generating:
+                self._record_hits()
+            return prepared
         cached, restored, seconds, diverged = self._restore(tokens, namespace)
         keep = self.kv.suffix_start(len(tokens), cached, generating=generating)
         if keep < cached:
@@ -413,6 +441,8 @@ class PrefixCache:
         if diverged is not None and generating:  # a pin's own restore is no request's miss
             counts = self._stats.partial_restores
             counts[diverged.kind] = counts.get(diverged.kind, 0) + 1
+        if not generating:  # no first token waits: record the hits now
+            self._record_hits()
         return Prepared(tokens, cached, restored, seconds, diverged)
 
     def prepare(
@@ -827,6 +857,7 @@ class PrefixCache:
                 return
             self._closed = True
             try:
+                self._record_hits()
                 self._save_calibration()
             except Exception as exc:  # closing must not fail on bookkeeping
                 self._store_failed("saving the calibration", exc)

@@ -82,10 +82,7 @@ def prepare(cache: PrefixCache, tokens: list[int], namespace: str, *, generating
             done = seg.end
             nbytes += seg.nbytes
             cache._stats.segments_restored += 1
-            try:
-                cache.store.touch(seg.key, time.time())
-            except _STORE_FAILURES as exc:
-                cache._store_failed("recording a hit", exc)
+            cache._hits.append(seg.key)  # recorded after the call (PrefixCache._record_hits)
         if done > base and not fits(done):  # a chain cut short where the rest cannot follow
             done = 0
         restored = done - base if done > base else 0

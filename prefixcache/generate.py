@@ -240,6 +240,7 @@ def _prepare_call(
 def _after_call(
     cache: PrefixCache, prepared: Prepared, elapsed: float, completion_tokens: int
 ) -> None:
+    cache._record_hits()  # kept off the way to the first token
     # The call's time is mostly prefill of the suffix plus decoding; attribute by tokens.
     prefilled = prepared.prompt_tokens - prepared.reused_tokens
     if completion_tokens == 0 and prefilled:

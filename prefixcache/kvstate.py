@@ -393,6 +393,7 @@ class LlamaKV:
         mem = self._mem
         self.truncate(0)
         loaded = llama_cpp.llama_state_seq_set_data(ctx, buf, nbytes, CONVERSATION)
+        del buf  # it may point into a mapping that the caller closes
         hi = llama_cpp.llama_memory_seq_pos_max(mem, CONVERSATION)
         if not loaded or hi != end - 1:
             llama_cpp.llama_memory_seq_rm(mem, CONVERSATION, -1, -1)

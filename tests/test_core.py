@@ -223,6 +223,25 @@ def test_namespaces_do_not_see_each_other(open_cache):
     assert cached(reply) == 0
 
 
+def test_restore_maps_the_store_and_records_hits_after_the_first_token(
+    open_cache, cold_reply, store
+):
+    info = open_cache().pin([SYSTEM], name="hw")
+    warm = open_cache()
+    usage = open_store(store).usage
+    chunks = iter(
+        warm.chat(ask("What is a hammer for?"), stream=True, max_tokens=24, temperature=0)
+    )
+    reply = next(chunks)["choices"][0]["delta"].get("content", "")
+    # The segment came from its mapped file (the read buffer was never needed), and its hit is
+    # recorded once the reply is made, not on the way to the first token.
+    assert warm.stats()["restored_tokens"] == info.n_tokens and len(warm.kv._buffer) == 0
+    assert info.key not in usage()
+    reply += "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert reply == cold_reply(ask("What is a hammer for?"))
+    assert usage()[info.key].hits == 1
+
+
 def test_live_kv_of_another_namespace_is_not_reused(open_cache, store):
     tenant_a = open_cache(namespace="tenant-a")
     tenant_b = PrefixCache(llm=tenant_a.llm, store=store, namespace="tenant-b")  # one model
@@ -238,15 +257,17 @@ def _kv_files(store: Path) -> list[Path]:
     return [p for p in store.rglob("*.val") if p.stat().st_size > 100_000]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
 def test_corrupt_segment_falls_back_to_prefill(open_cache, cold_reply, store, damage, caplog):
     info = open_cache().pin([SYSTEM], name="hw")
     (path,) = _kv_files(store)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
-    else:
+    elif damage == "truncate":
         del data[len(data) // 3 :]
+    else:
+        data += b"\0" * 4096
     path.write_bytes(bytes(data))
     cache = open_cache()
     with caplog.at_level(logging.WARNING, logger="prefixcache"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import SYSTEM
 
-from prefixcache import DiskStore, Pin, QuotaExceededError, Segment
+from prefixcache import CorruptSegmentError, DiskStore, Pin, QuotaExceededError, Segment
 from prefixcache.lifecycle import enforce_quota, pinned_keys
 from prefixcache.segment import checksum, checksum_matches, root_key, segment_key
 
@@ -60,6 +60,34 @@ def test_segments_round_trip_and_puts_are_idempotent(tmp_path: Path):
     assert checksum(buf) == seg.checksum
     assert not store.put(seg, buf)  # same key: stored once
     assert store.total_bytes() == 300_000 and store.keys() == {key}
+
+
+def test_kv_bytes_map_from_their_file_which_is_replaced_never_rewritten(tmp_path: Path):
+    store = DiskStore(tmp_path)
+    seg = store.get(put(store, ROOT, 0, [1, 2, 3], size=300_000))
+    assert seg is not None
+    original = bytearray(seg.nbytes)
+    store.read_kv(seg, memoryview(original))
+    (path,) = [p for p in tmp_path.rglob("*.val") if p.stat().st_size == seg.nbytes]
+    with store.map_kv(seg) as view:
+        assert view is not None and view == original
+        # A writer replaces a value's file (a new file, the old one unlinked); the mapping
+        # keeps the bytes that were checksummed.
+        fresh = path.with_suffix(".tmp")
+        fresh.write_bytes(b"\0" * seg.nbytes)
+        os.replace(fresh, path)
+        assert view == original and checksum_matches(view, seg.checksum)
+
+
+@pytest.mark.parametrize("size", [299_999, 300_001, 0])
+def test_a_kv_file_of_the_wrong_size_is_corrupt_before_it_is_mapped(tmp_path: Path, size: int):
+    store = DiskStore(tmp_path)
+    seg = store.get(put(store, ROOT, 0, [1, 2, 3], size=300_000))
+    assert seg is not None
+    (path,) = list(tmp_path.rglob("*.val"))
+    os.truncate(path, size)  # in place: what diskcache never does, a damaged store might
+    with pytest.raises(CorruptSegmentError, match="expected 300000 bytes"), store.map_kv(seg):
+        pytest.fail("a file of the wrong size must not be mapped")
 
 
 def test_quota_evicts_lru_leaves_first_and_never_pins(tmp_path: Path):

@@ -75,6 +75,19 @@ class ChangeLog(Protocol):
 
 
 @runtime_checkable
+class MapsKV(Protocol):
+    """A store that can hand out a segment's KV bytes in place, without copying them (the disk
+    store maps its files); the cache then checksums and restores from the mapping."""
+
+    def map_kv(self, seg: Segment) -> AbstractContextManager[memoryview | None]:
+        """The KV bytes (exactly ``seg.nbytes``), valid inside the block, or None where this
+        segment cannot be mapped (read it with ``read_kv``).
+
+        Raises CorruptSegmentError when the bytes are missing or of the wrong length.
+        """
+
+
+@runtime_checkable
 class ReportsHealth(Protocol):
     """A store that can say whether it is reachable and takes writes (the Redis-backed ones)."""
 

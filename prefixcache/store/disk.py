@@ -12,14 +12,16 @@ with what changed for its root alone (docs/design.md).
 
 from __future__ import annotations
 
+import io
 import logging
+import mmap
 import os
 import socket
 import sqlite3
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +211,49 @@ class DiskStore:
             extra = handle.read(1)
         if n != seg.nbytes or extra:
             raise CorruptSegmentError(seg.key, f"expected {seg.nbytes} bytes, found {n}+")
+
+    @contextmanager
+    def map_kv(self, seg: Segment) -> Iterator[memoryview | None]:
+        """The segment's KV bytes mapped from their file (no copy), or None where they cannot be
+        mapped (small values live in the database): then read them with :meth:`read_kv`.
+
+        Only valid inside the block. The mapping is private (``ACCESS_COPY``): nothing written
+        to the view reaches the file. diskcache writes a value's file once and replaces it by a
+        new file (unlinking the old one, which a mapping survives), never in place, so the
+        bytes mapped here stay those the caller checksums. The size is checked before mapping:
+        a truncated file is a CorruptSegmentError, never a SIGBUS. (A file truncated in place by
+        someone else while mapped would still fault, as it would for any mmap reader.)
+        """
+        handle = self._cache.get(_KV + seg.key, read=True)
+        if handle is None:
+            raise CorruptSegmentError(seg.key, "its KV bytes are missing")
+        mapped = None
+        with handle:
+            try:
+                fd = handle.fileno()
+            except (OSError, io.UnsupportedOperation):  # a value kept in the database
+                fd = -1
+            if fd >= 0:
+                size = os.fstat(fd).st_size
+                if size != seg.nbytes:
+                    raise CorruptSegmentError(
+                        seg.key, f"expected {seg.nbytes} bytes, found {size} in its file"
+                    )
+                if size > 0:
+                    with suppress(OSError, ValueError):  # no mmap here: read instead
+                        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        if mapped is None:
+            yield None
+            return
+        view = memoryview(mapped)
+        try:
+            yield view
+        finally:
+            # A view still exported (a traceback holding a ctypes array over it) keeps the
+            # mapping until it is collected; the mapping closes itself then.
+            with suppress(BufferError):
+                view.release()
+                mapped.close()
 
     def keys(self) -> set[str]:
         return {k[len(_SEG) :] for k in self._cache.iterkeys() if k.startswith(_SEG)}

@@ -1,0 +1,102 @@
+# ruff: noqa: RUF001 (the table uses the multiplication sign on purpose)
+"""Time to first token against the floor, this tree beside another checkout, in one run.
+
+Run: ``.venv/bin/python bench/floor.py --other /path/to/a/checkout-of-main [--sizes 1024 4096]
+[--reps 5]``. For each prefix size one store is pinned (the store format is shared), then fresh
+processes of ``bench/_worker.py pc`` from each tree take turns on copies of it (so neither sees
+the other's autosave). Each worker reports its TTFT and its own floor: a bare
+``llama_state_seq_set_data`` of the prefix's bytes already in memory plus the suffix's evaluation.
+Ratios are compared within this run only; the load average is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import load_llm, prefix_messages
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_worker(tree: Path, method: str, prompt: Path, d: Path, question: int) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, str(tree / "bench" / "_worker.py"), method, "--prompt", str(prompt)]
+    cmd += ["--questions", str(question), "--dir", str(d)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree / "bench")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@RESULT "):
+            return dict(json.loads(line[len("@@RESULT ") :]))
+    raise RuntimeError(f"{method} in {tree} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--other", required=True, help="a checkout to compare with (e.g. main)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096, 7800])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", help="write the raw results here")
+    args = parser.parse_args()
+    trees = {"other": Path(args.other).resolve(), "this": HERE.parent}
+    tok = load_llm(vocab_only=True)
+    raw: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="prefixcache-floor-") as tmp_name:
+        tmp = Path(tmp_name)
+        for n in args.sizes:
+            prompt = tmp / f"prompt-{n}.json"
+            prompt.write_text(json.dumps(prefix_messages(tok, n)))
+            pinned = tmp / f"pinned-{n}"
+            run_worker(trees["this"], "pc-populate", prompt, pinned, 0)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+            for rep in range(args.reps):
+                q = 1 + rep % 6
+                order = list(trees) if rep % 2 == 0 else list(reversed(trees))
+                for name in order:
+                    d = tmp / f"run-{name}"
+                    shutil.rmtree(d, ignore_errors=True)
+                    shutil.copytree(pinned, d)
+                    res = run_worker(trees[name], "pc", prompt, d, q)
+                    run = res["runs"][0]
+                    floor = res["raw_set_s"] + res["suffix_eval_s"]
+                    runs[name].append(
+                        {
+                            "ttft": run["ttft_s"],
+                            "floor": floor,
+                            "ratio": run["ttft_s"] / floor,
+                            "restore": run["restore_s"],
+                            "prepare_restore": res["prepare_restore_s"],
+                            "parts": res["restore_parts"],
+                            "load": os.getloadavg()[0],
+                            "text": run["text"],
+                        }
+                    )
+                    print(n, name, rep, json.dumps(runs[name][-1]), flush=True)
+            raw[str(n)] = runs
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    print("\n| prefix | tree | TTFT | floor | TTFT / floor | restore in TTFT | load avg |")
+    print("|---|---|---|---|---|---|---|")
+    for n, runs in raw.items():
+        for name, rs in runs.items():
+
+            def m(k: str, rs: list[dict[str, Any]] = rs) -> float:
+                return statistics.median(r[k] for r in rs)
+
+            print(
+                f"| {n} | {name} | {m('ttft') * 1e3:.1f} ms | {m('floor') * 1e3:.1f} ms | "
+                f"{m('ratio'):.2f}× | {m('restore') * 1e3:.1f} ms | {m('load'):.1f} |"
+            )
+        same = all(a["text"] == b["text"] for a, b in zip(runs["this"], runs["other"], strict=True))
+        print(f"| {n} | same output | {same} | | | | |")
+
+
+if __name__ == "__main__":
+    main()
