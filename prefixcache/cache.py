@@ -13,13 +13,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import llama_cpp
 
-from . import checkpoint, config, generate
+from . import checkpoint, config, generate, readahead
 from .ahead import ReplyPrefill
 from .calibration import Calibration
 from .catalog import Catalog, Known
@@ -37,7 +37,8 @@ from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
 from .lifecycle import Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
-from .segment import Pin, Segment, checksum, checksum_matches, segment_key
+from .readahead import read_ahead
+from .segment import Pin, Segment, checksum, segment_key
 from .store import Store, open_store
 from .store.base import MapsKV
 from .stream import model_lock
@@ -336,12 +337,13 @@ class PrefixCache:
         todo = [s for s in chain if s.end > live]
         self.kv.truncate(todo[0].start)
         restored_bytes = 0
-        for seg in todo:
-            if not self._load(known, seg):
-                break
-            restored_bytes += seg.nbytes
-            self._stats.segments_restored += 1
-            self._hits.append(seg.key)
+        with self._fetch(todo) as fetched:
+            for seg, data in fetched:
+                if not self._load(known, seg, data):
+                    break
+                restored_bytes += seg.nbytes
+                self._stats.segments_restored += 1
+                self._hits.append(seg.key)
         cached = min(match.length, self.llm.n_tokens)
         if cached < match.length:
             diverged = restore_failed(cached, match.length)
@@ -353,17 +355,38 @@ class PrefixCache:
         self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
         return cached, restored, seconds, diverged
 
-    def _load(self, known: Known, seg: Segment) -> bool:
+    @contextmanager
+    def _fetch(
+        self, segs: Sequence[Segment]
+    ) -> Iterator[Iterator[tuple[Segment, AbstractContextManager[memoryview]]]]:
+        """Each segment with its checked bytes, in order: read ahead on a worker thread from a
+        store that maps its files (see prefixcache.readahead), else one at a time."""
+        if isinstance(self.store, MapsKV) and len(segs) > 1:
+            with read_ahead(self.store, segs, self.integrity) as pairs:
+                yield pairs
+        else:
+            yield ((seg, self._checked_bytes(seg)) for seg in segs)
+
+    @contextmanager
+    def _checked_bytes(self, seg: Segment) -> Iterator[memoryview]:
+        with self._segment_bytes(seg) as buf:
+            readahead.check(seg, buf, self.integrity)
+            yield buf
+
+    def _load(
+        self,
+        known: Known,
+        seg: Segment,
+        data: AbstractContextManager[memoryview] | None = None,
+    ) -> bool:
         """Load one segment onto the live KV; False (the KV left as it was) when it cannot be.
 
-        Only bytes that fail their checksum are quarantined; a segment that is intact but that
-        llama.cpp refuses here stays in the store for the processes that can use it.
+        ``data``: the segment's checked bytes (default: read and checked here). Only bytes that
+        fail their checksum are quarantined; a segment that is intact but that llama.cpp
+        refuses here stays in the store for the processes that can use it.
         """
         try:
-            with self._segment_bytes(seg) as buf:
-                if not checksum_matches(buf, seg.checksum):
-                    raise CorruptSegmentError(seg.key, "checksum mismatch")
-                self.integrity.verify(seg, buf)
+            with data if data is not None else self._checked_bytes(seg) as buf:
                 self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
             return True
         except CorruptSegmentError as exc:

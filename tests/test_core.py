@@ -242,6 +242,32 @@ def test_restore_maps_the_store_and_records_hits_after_the_first_token(
     assert usage()[info.key].hits == 1
 
 
+def test_a_chain_read_ahead_stops_at_its_corrupt_segment(open_cache, cold_reply, store):
+    """Segments are checked ahead of their restore; a corrupt one is still quarantined before
+    llama.cpp sees it, the segments before it stay restored and the rest is prefilled."""
+    writer = open_cache()
+    writer.segment_tokens = 64
+    info = writer.pin([SYSTEM], name="hw")
+    db = open_store(store)
+    first, middle, *_ = sorted(db.segments(), key=lambda s: s.start)
+    messages = ask("What is a hammer for?")
+    whole = open_cache().chat(messages, max_tokens=16, temperature=0, autosave=False)
+    assert cached(whole) == info.n_tokens
+    assert text(whole) == cold_reply(messages, max_tokens=16)
+    data = bytearray(middle.nbytes)
+    db.read_kv(middle, memoryview(data))
+    (path,) = [p for p in _kv_files(store) if p.read_bytes() == data]
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cache = open_cache()
+    reply = cache.chat(messages, max_tokens=16, temperature=0, autosave=False)
+    assert 0 < cached(reply) <= middle.start == first.end
+    assert text(reply) == cold_reply(messages, max_tokens=16)
+    assert cache.stats()["corrupt_segments"] == 1
+    assert db.get(middle.key) is None and db.get(first.key) is not None
+    db.close()
+
+
 def test_live_kv_of_another_namespace_is_not_reused(open_cache, store):
     tenant_a = open_cache(namespace="tenant-a")
     tenant_b = PrefixCache(llm=tenant_a.llm, store=store, namespace="tenant-b")  # one model
