@@ -1,7 +1,7 @@
 # ruff: noqa: RUF001 (the table uses the multiplication sign on purpose)
 """Time to first token against the floor, this tree beside another checkout, in one run.
 
-Run: ``.venv/bin/python bench/floor.py --other /path/to/a/checkout-of-main [--sizes 1024 4096]
+Run: ``.venv/bin/python bench/floor.py --other /path/to/checkout-of-main [...] [--sizes 1024 4096]
 [--reps 5]``. For each prefix size one store is pinned (the store format is shared), then fresh
 processes of ``bench/_worker.py pc`` from each tree take turns on copies of it (so neither sees
 the other's autosave). Each worker reports its TTFT and its own floor: a bare
@@ -40,25 +40,33 @@ def run_worker(tree: Path, method: str, prompt: Path, d: Path, question: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--other", required=True, help="a checkout to compare with (e.g. main)")
+    parser.add_argument(
+        "--other", required=True, nargs="+", help="checkouts to compare with (e.g. main)"
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096, 7800])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument(
+        "--work", help="keep prompts and pinned stores here, reusing those already there"
+    )
     args = parser.parse_args()
-    trees = {"other": Path(args.other).resolve(), "this": HERE.parent}
+    trees = {Path(o).resolve().name: Path(o).resolve() for o in args.other}
+    trees["this"] = HERE.parent
     tok = load_llm(vocab_only=True)
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="prefixcache-floor-") as tmp_name:
         tmp = Path(tmp_name)
+        work = Path(args.work) if args.work else tmp
         for n in args.sizes:
-            prompt = tmp / f"prompt-{n}.json"
-            prompt.write_text(json.dumps(prefix_messages(tok, n)))
-            pinned = tmp / f"pinned-{n}"
-            run_worker(trees["this"], "pc-populate", prompt, pinned, 0)
+            prompt = work / f"prompt-{n}.json"
+            pinned = work / f"pinned-{n}"
+            if not pinned.exists():
+                prompt.write_text(json.dumps(prefix_messages(tok, n)))
+                run_worker(trees["this"], "pc-populate", prompt, pinned, 0)
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
             for rep in range(args.reps):
                 q = 1 + rep % 6
-                order = list(trees) if rep % 2 == 0 else list(reversed(trees))
+                order = list(trees)[rep % len(trees) :] + list(trees)[: rep % len(trees)]
                 for name in order:
                     d = tmp / f"run-{name}"
                     shutil.rmtree(d, ignore_errors=True)
@@ -94,8 +102,8 @@ def main() -> None:
                 f"| {n} | {name} | {m('ttft') * 1e3:.1f} ms | {m('floor') * 1e3:.1f} ms | "
                 f"{m('ratio'):.2f}× | {m('restore') * 1e3:.1f} ms | {m('load'):.1f} |"
             )
-        same = all(a["text"] == b["text"] for a, b in zip(runs["this"], runs["other"], strict=True))
-        print(f"| {n} | same output | {same} | | | | |")
+        texts = [[r["text"] for r in rs] for rs in runs.values()]
+        print(f"| {n} | same output in every tree | {all(t == texts[0] for t in texts)} | | | | |")
 
 
 if __name__ == "__main__":
