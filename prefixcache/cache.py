@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -178,6 +179,7 @@ class PrefixCache:
         #: Segments restored whose hits are not recorded yet: a call records them once its reply
         #: is made, so that the store's bookkeeping writes are not on the way to its first token.
         self._hits: list[str] = []
+        self._reader: ThreadPoolExecutor | None = None  # reads segments ahead (see _fetch)
         self.integrity = Integrity.from_config(store_key)
         # The memo of model-file digests decides the fingerprint: with a store key it is sealed
         # (and kept per key), so a writer without the key cannot pass one model off as another.
@@ -362,7 +364,9 @@ class PrefixCache:
         """Each segment with its checked bytes, in order: read ahead on a worker thread from a
         store that maps its files (see prefixcache.readahead), else one at a time."""
         if isinstance(self.store, MapsKV) and len(segs) > 1:
-            with read_ahead(self.store, segs, self.integrity) as pairs:
+            if self._reader is None:
+                self._reader = readahead.reader()
+            with read_ahead(self._reader, self.store, segs, self.integrity) as pairs:
                 yield pairs
         else:
             yield ((seg, self._checked_bytes(seg)) for seg in segs)
@@ -884,6 +888,8 @@ class PrefixCache:
                 self._save_calibration()
             except Exception as exc:  # closing must not fail on bookkeeping
                 self._store_failed("saving the calibration", exc)
+            if self._reader is not None:
+                self._reader.shutdown()
             self.store.close()
             if self._owns_llm:
                 self.llm.close()

@@ -52,33 +52,38 @@ def _opened(future: Future[Verified]) -> Iterator[memoryview]:
         yield view
 
 
+def reader() -> ThreadPoolExecutor:
+    """The worker thread a cache reads ahead on (one, kept: the store's connection is per
+    thread, and opening one per restore would cost more than it saves)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="prefixcache-read")
+
+
 @contextmanager
 def read_ahead(
-    store: MapsKV, segs: Sequence[Segment], integrity: Integrity
+    pool: ThreadPoolExecutor, store: MapsKV, segs: Sequence[Segment], integrity: Integrity
 ) -> Iterator[Iterator[tuple[Segment, AbstractContextManager[memoryview]]]]:
     """Pairs of a segment and its checked bytes (a context manager, raising what the checks
-    raise), in order; the segment after the one being used is read meanwhile.
+    raise), in order; the segment after the one being used is read meanwhile on ``pool``.
 
     Leaving the block early (a segment refused) drops what was read ahead, unused.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="prefixcache-read") as pool:
-        pending: list[Future[Verified]] = []
+    pending: list[Future[Verified]] = []
 
-        def pairs() -> Iterator[tuple[Segment, AbstractContextManager[memoryview]]]:
-            if segs:
-                pending.append(pool.submit(_verified, store, segs[0], integrity))
-            for i, seg in enumerate(segs):
-                if i + 1 < len(segs):
-                    pending.append(pool.submit(_verified, store, segs[i + 1], integrity))
-                yield seg, _opened(pending.pop(0))
+    def pairs() -> Iterator[tuple[Segment, AbstractContextManager[memoryview]]]:
+        if segs:
+            pending.append(pool.submit(_verified, store, segs[0], integrity))
+        for i, seg in enumerate(segs):
+            if i + 1 < len(segs):
+                pending.append(pool.submit(_verified, store, segs[i + 1], integrity))
+            yield seg, _opened(pending.pop(0))
 
-        try:
-            yield pairs()
-        finally:
-            for future in pending:
-                if not future.cancel():
-                    with suppress(Exception):  # never used: its failure is nobody's concern
-                        future.result()[0].close()
+    try:
+        yield pairs()
+    finally:
+        for future in pending:
+            if not future.cancel():
+                with suppress(Exception):  # never used: its failure is nobody's concern
+                    future.result()[0].close()
 
 
-__all__ = ["check", "read_ahead"]
+__all__ = ["check", "read_ahead", "reader"]
