@@ -765,7 +765,7 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
             parts = at4k["restore_parts"]
             why = (
                 f" — pc TTFT {ms(at4k['pc'])} = restore {ms(at4k['pc_restore_s'])} (first restore "
-                f"in the process; warm, one step at a time: map {ms(parts['read'])} + XXH3 "
+                f"in the process; warm: map {ms(parts['read'])} + XXH3 "
                 f"{ms(parts['checksum'])} + set_data/seq_cp {ms(parts['set_data'])}; the usage "
                 f"touch, {ms(parts['touch'])}, comes after the reply; raw set_data alone "
                 f"{ms(at4k['raw_set_s'])}) + suffix "
@@ -830,10 +830,9 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
     )
     md.append(
         "\nprepare() restore = per segment: map the diskcache file (page cache warm; no copy) + "
-        "XXH3 + llama_state_seq_set_data into the scratch sequence + seq_cp, the next segment "
-        "mapped and checksummed on a worker thread meanwhile (the breakdown runs the steps one "
-        "at a time); the usage touch (SQLite write) is made after the reply. Bare = one "
-        "llama_state_seq_set_data of one blob already in memory."
+        "XXH3 + llama_state_seq_set_data into the scratch sequence + seq_cp; the usage touch "
+        "(SQLite write) is made after the reply. Bare = one llama_state_seq_set_data of one "
+        "blob already in memory."
     )
 
     md.append("\n## 3. Peak RSS of a fresh process serving one request\n")

@@ -13,14 +13,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import llama_cpp
 
-from . import checkpoint, config, generate, readahead
+from . import checkpoint, config, generate
 from .ahead import ReplyPrefill
 from .calibration import Calibration
 from .catalog import Catalog, Known
@@ -38,8 +37,7 @@ from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
 from .lifecycle import Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
-from .readahead import read_ahead
-from .segment import Pin, Segment, checksum, segment_key
+from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
 from .store.base import MapsKV
 from .stream import model_lock
@@ -179,7 +177,6 @@ class PrefixCache:
         #: Segments restored whose hits are not recorded yet: a call records them once its reply
         #: is made, so that the store's bookkeeping writes are not on the way to its first token.
         self._hits: list[str] = []
-        self._reader: ThreadPoolExecutor | None = None  # reads segments ahead (see _fetch)
         self.integrity = Integrity.from_config(store_key)
         # The memo of model-file digests decides the fingerprint: with a store key it is sealed
         # (and kept per key), so a writer without the key cannot pass one model off as another.
@@ -339,13 +336,12 @@ class PrefixCache:
         todo = [s for s in chain if s.end > live]
         self.kv.truncate(todo[0].start)
         restored_bytes = 0
-        with self._fetch(todo) as fetched:
-            for seg, data in fetched:
-                if not self._load(known, seg, data):
-                    break
-                restored_bytes += seg.nbytes
-                self._stats.segments_restored += 1
-                self._hits.append(seg.key)
+        for seg in todo:
+            if not self._load(known, seg):
+                break
+            restored_bytes += seg.nbytes
+            self._stats.segments_restored += 1
+            self._hits.append(seg.key)
         cached = min(match.length, self.llm.n_tokens)
         if cached < match.length:
             diverged = restore_failed(cached, match.length)
@@ -357,40 +353,17 @@ class PrefixCache:
         self.calibration.observe_restore(restored_bytes, sum(len(s.tokens) for s in todo), seconds)
         return cached, restored, seconds, diverged
 
-    @contextmanager
-    def _fetch(
-        self, segs: Sequence[Segment]
-    ) -> Iterator[Iterator[tuple[Segment, AbstractContextManager[memoryview]]]]:
-        """Each segment with its checked bytes, in order: read ahead on a worker thread from a
-        store that maps its files (see prefixcache.readahead), else one at a time."""
-        if isinstance(self.store, MapsKV) and len(segs) > 1:
-            if self._reader is None:
-                self._reader = readahead.reader()
-            with read_ahead(self._reader, self.store, segs, self.integrity) as pairs:
-                yield pairs
-        else:
-            yield ((seg, self._checked_bytes(seg)) for seg in segs)
-
-    @contextmanager
-    def _checked_bytes(self, seg: Segment) -> Iterator[memoryview]:
-        with self._segment_bytes(seg) as buf:
-            readahead.check(seg, buf, self.integrity)
-            yield buf
-
-    def _load(
-        self,
-        known: Known,
-        seg: Segment,
-        data: AbstractContextManager[memoryview] | None = None,
-    ) -> bool:
+    def _load(self, known: Known, seg: Segment) -> bool:
         """Load one segment onto the live KV; False (the KV left as it was) when it cannot be.
 
-        ``data``: the segment's checked bytes (default: read and checked here). Only bytes that
-        fail their checksum are quarantined; a segment that is intact but that llama.cpp
-        refuses here stays in the store for the processes that can use it.
+        Only bytes that fail their checksum are quarantined; a segment that is intact but that
+        llama.cpp refuses here stays in the store for the processes that can use it.
         """
         try:
-            with data if data is not None else self._checked_bytes(seg) as buf:
+            with self._segment_bytes(seg) as buf:
+                if not checksum_matches(buf, seg.checksum):
+                    raise CorruptSegmentError(seg.key, "checksum mismatch")
+                self.integrity.verify(seg, buf)
                 self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
             return True
         except CorruptSegmentError as exc:
@@ -888,8 +861,6 @@ class PrefixCache:
                 self._save_calibration()
             except Exception as exc:  # closing must not fail on bookkeeping
                 self._store_failed("saving the calibration", exc)
-            if self._reader is not None:
-                self._reader.shutdown()
             self.store.close()
             if self._owns_llm:
                 self.llm.close()

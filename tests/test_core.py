@@ -242,9 +242,9 @@ def test_restore_maps_the_store_and_records_hits_after_the_first_token(
     assert usage()[info.key].hits == 1
 
 
-def test_a_chain_read_ahead_stops_at_its_corrupt_segment(open_cache, cold_reply, store):
-    """Segments are checked ahead of their restore; a corrupt one is still quarantined before
-    llama.cpp sees it, the segments before it stay restored and the rest is prefilled."""
+def test_a_mapped_chain_stops_at_its_corrupt_segment(open_cache, cold_reply, store):
+    """Each segment is checked before llama.cpp sees it: a corrupt one in the middle of a chain
+    is quarantined, the segments before it stay restored and the rest is prefilled."""
     writer = open_cache()
     writer.segment_tokens = 64
     info = writer.pin([SYSTEM], name="hw")
