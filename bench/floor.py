@@ -6,7 +6,9 @@ Run: ``.venv/bin/python bench/floor.py --other /path/to/checkout-of-main [...] [
 processes of ``bench/_worker.py pc`` from each tree take turns on copies of it (so neither sees
 the other's autosave). Each worker reports its TTFT and its own floor: a bare
 ``llama_state_seq_set_data`` of the prefix's bytes already in memory plus the suffix's evaluation.
-Ratios are compared within this run only; the load average is printed beside them.
+Each worker starts once the machine is quiet and is taken again (twice at most) when other
+processes used more than CONTENDED cores meanwhile, as in run.py. Ratios are compared within
+this run only; the load average and the cores others used are printed beside them.
 """
 
 from __future__ import annotations
@@ -19,22 +21,32 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from _common import load_llm, prefix_messages
+from run import CONTENDED, LoadMonitor, wait_quiet
 
 HERE = Path(__file__).resolve().parent
 
 
 def run_worker(tree: Path, method: str, prompt: Path, d: Path, question: int) -> dict[str, Any]:
+    """One fresh worker process, started once the machine is quiet (as run.py's are); the
+    cores other processes used meanwhile are in ``foreign_cores``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, str(tree / "bench" / "_worker.py"), method, "--prompt", str(prompt)]
     cmd += ["--questions", str(question), "--dir", str(d)]
+    wait_quiet(max_wait=60)
+    busy, mine, wall = LoadMonitor._busy(), LoadMonitor._mine(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree / "bench")
+    elapsed = time.perf_counter() - wall
+    foreign = (LoadMonitor._busy() - busy) - (LoadMonitor._mine() - mine)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("@@RESULT "):
-            return dict(json.loads(line[len("@@RESULT ") :]))
+            result = dict(json.loads(line[len("@@RESULT ") :]))
+            result["foreign_cores"] = max(0.0, foreign) / max(elapsed, 1e-9)
+            return result
     raise RuntimeError(f"{method} in {tree} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -70,8 +82,12 @@ def main() -> None:
                 for name in order:
                     d = tmp / f"run-{name}"
                     shutil.rmtree(d, ignore_errors=True)
-                    shutil.copytree(pinned, d)
-                    res = run_worker(trees[name], "pc", prompt, d, q)
+                    for _ in range(3):  # a run other processes disturbed is taken again
+                        shutil.rmtree(d, ignore_errors=True)
+                        shutil.copytree(pinned, d)
+                        res = run_worker(trees[name], "pc", prompt, d, q)
+                        if res["foreign_cores"] < CONTENDED:
+                            break
                     run = res["runs"][0]
                     floor = res["raw_set_s"] + res["suffix_eval_s"]
                     runs[name].append(
@@ -83,6 +99,7 @@ def main() -> None:
                             "prepare_restore": res["prepare_restore_s"],
                             "parts": res["restore_parts"],
                             "load": os.getloadavg()[0],
+                            "foreign_cores": res["foreign_cores"],
                             "text": run["text"],
                         }
                     )
@@ -90,8 +107,8 @@ def main() -> None:
             raw[str(n)] = runs
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
-    print("\n| prefix | tree | TTFT | floor | TTFT / floor | restore in TTFT | load avg |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| prefix | tree | TTFT | floor | TTFT / floor | restore in TTFT | load avg | others |")
+    print("|---|---|---|---|---|---|---|---|")
     for n, runs in raw.items():
         for name, rs in runs.items():
 
@@ -100,10 +117,12 @@ def main() -> None:
 
             print(
                 f"| {n} | {name} | {m('ttft') * 1e3:.1f} ms | {m('floor') * 1e3:.1f} ms | "
-                f"{m('ratio'):.2f}× | {m('restore') * 1e3:.1f} ms | {m('load'):.1f} |"
+                f"{m('ratio'):.2f}× | {m('restore') * 1e3:.1f} ms | {m('load'):.1f} | "
+                f"{m('foreign_cores'):.2f} cores |"
             )
         texts = [[r["text"] for r in rs] for rs in runs.values()]
-        print(f"| {n} | same output in every tree | {all(t == texts[0] for t in texts)} | | | | |")
+        same = all(t == texts[0] for t in texts)
+        print(f"| {n} | same output in every tree | {same} | | | | | |")
 
 
 if __name__ == "__main__":
