@@ -454,7 +454,7 @@ class PrefixCache:
         namespace: str,
         *,
         label: str,
-        boundaries: Sequence[int] = (),
+        boundaries: Sequence[int] | Callable[[], Sequence[int]] = (),
         min_span: int = 1,
         before_write: Callable[[list[str], int], None] | None = None,
     ) -> tuple[str | None, list[str], int]:
@@ -462,7 +462,8 @@ class PrefixCache:
 
         Returns ``(last key, new keys, new bytes)``; the last key is None when nothing is stored.
         ``before_write`` is given the keys of the whole chain (stored ancestors and new segments)
-        and the new bytes, before anything is written.
+        and the new bytes, before anything is written. ``boundaries`` may be a function, called
+        only when there is something new to store (it may render the conversation).
         """
         if common_prefix_length(self.kv.live_tokens(), tokens[:end]) < end:
             raise RuntimeError("the span to store is not live in the context")
@@ -472,6 +473,8 @@ class PrefixCache:
         if at == end:
             return parent, [], 0
         matched = known.index.match(tokens[:end]).length
+        if callable(boundaries):
+            boundaries = boundaries()
         cuts = {b for b in boundaries if at < b < end}
         if matched < end and matched - at >= SPLIT_MIN_TOKENS:
             # The span runs inside an existing segment for a while: store that shared head on
@@ -745,7 +748,9 @@ class PrefixCache:
             raise PrefixCacheError("the prompt is empty")
         return tokens
 
-    def _autosave(self, ns: str, prepared: Prepared, cut: int | None = None) -> None:
+    def _autosave(
+        self, ns: str, prepared: Prepared, cut: Callable[[], int | None] | None = None
+    ) -> None:
         """Store the prompt of the call just made, so the next turn restores all of it.
 
         The reply is not stored: tokens decoded one at a time have KV that differs in the last
@@ -755,9 +760,11 @@ class PrefixCache:
         failure here (a full disk, a store that is down, a lock timeout) is logged and counted
         in ``stats()["store_errors"]``, never raised.
 
-        ``cut``: where the prompt's last message begins. A segment ends there, so the next call
-        that shares everything before it but asks something else (another question on the same
-        system prompt) chains from that segment instead of storing a second copy of it.
+        ``cut``: a function giving where the prompt's last message begins (it renders the
+        conversation, so it is called only when something new is stored). A segment ends there,
+        so the next call that shares everything before it but asks something else (another
+        question on the same system prompt) chains from that segment instead of storing a second
+        copy of it.
         """
         end = common_prefix_length(self.kv.live_tokens(), prepared.tokens)
         if end <= 0:
@@ -768,7 +775,7 @@ class PrefixCache:
                 end,
                 ns,
                 label="autosave",
-                boundaries=() if cut is None else (cut,),
+                boundaries=() if cut is None else lambda: _boundary(cut()),
                 min_span=self.calibration.min_span_tokens(),
             )
         except Exception as exc:  # see the docstring
@@ -842,3 +849,7 @@ class PrefixCache:
 
 
 __all__ = ["PinInfo", "PrefixCache", "Prepared", "Stats", "as_tokens"]
+
+
+def _boundary(at: int | None) -> tuple[int, ...]:
+    return () if at is None else (at,)
