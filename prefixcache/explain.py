@@ -394,7 +394,7 @@ def explain(
     ns = cache.namespace if namespace is None else namespace
     with cache._lock:
         tokens = cache.template.tokens(call.messages, call.tools)
-        known = cache.catalog.sync(ns)
+        known = cache.catalog.sync(ns, tokens)
         return explain_tokens(known, tokens, cache.pins(ns), cache.template.detokenize, ns)
 
 

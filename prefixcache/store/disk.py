@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import diskcache
 import diskcache.core
 
 from ..errors import CorruptSegmentError, StoreError
-from ..segment import Pin, Segment, Usage
+from ..segment import Pin, Segment, Usage, head_key
 from .base import GcReport, IndexDelta
 from .docs import decode_doc, encode_doc
 
@@ -42,7 +42,7 @@ _GEN = "generation"
 _BYTES = "bytes"
 #: Version of the index table; a store opened without it (older) is indexed once at open.
 _INDEX_FORMAT = "index-format"
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: rows carry their segment's head (segment.head_key)
 #: Tombstones of deleted segments are kept for this many log positions: an index that last
 #: looked further back than that reloads its root.
 TOMBSTONE_HORIZON = 4096
@@ -50,10 +50,18 @@ _TABLE = "prefixcache_index"
 _SCHEMA = (
     # segment NULL: deleted at ``seq`` (a tombstone). The row of key '' holds the log floor.
     f"CREATE TABLE IF NOT EXISTS {_TABLE} (key TEXT PRIMARY KEY, root TEXT NOT NULL, "
-    "seq INTEGER NOT NULL, segment TEXT)",
+    "seq INTEGER NOT NULL, segment TEXT, head TEXT)",
     f"CREATE INDEX IF NOT EXISTS {_TABLE}_root ON {_TABLE} (root, seq)",
     f"CREATE INDEX IF NOT EXISTS {_TABLE}_seq ON {_TABLE} (seq)",
 )
+_HEAD_INDEX = f"CREATE INDEX IF NOT EXISTS {_TABLE}_head ON {_TABLE} (head)"
+_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} (key, root, seq, segment, head) VALUES (?, ?, ?, ?, ?)"
+#: At most this many heads per query (SQLite's default limit on variables is 32,766).
+_HEADS_PER_QUERY = 500
+
+
+def _head(seg: Segment) -> str:
+    return head_key(seg.parent, seg.tokens)
 
 
 class SafeDisk(diskcache.Disk):
@@ -127,6 +135,8 @@ class DiskStore:
             if self._cache.get(_INDEX_FORMAT) != _INDEX_VERSION:
                 for statement in _SCHEMA:
                     self._sql_retry(statement)
+                self._add_heads()
+                self._sql_retry(_HEAD_INDEX)
                 self._reindex()
                 self._cache.set(_INDEX_FORMAT, _INDEX_VERSION)
         except (sqlite3.Error, diskcache.core.Timeout) as exc:
@@ -140,6 +150,22 @@ class DiskStore:
 
     def _sql_retry(self, statement: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self._cache._sql_retry(statement, args)
+
+    def _add_heads(self) -> None:
+        """Give the rows of an index table of format 1 their heads (once, at open)."""
+        columns = {row[1] for row in self._sql(f"PRAGMA table_info({_TABLE})")}
+        with self._cache.transact():
+            if "head" not in columns:
+                self._sql(f"ALTER TABLE {_TABLE} ADD COLUMN head TEXT")
+            rows = self._sql(
+                f"SELECT key, segment FROM {_TABLE} WHERE head IS NULL AND segment IS NOT NULL"
+            ).fetchall()
+            for key, text in rows:
+                try:
+                    head = _head(Segment.from_json(text))
+                except CorruptSegmentError:
+                    continue
+                self._sql(f"UPDATE {_TABLE} SET head = ? WHERE key = ?", (head, key))
 
     def _reindex(self) -> None:
         """Make the index table match the segment records (at open after an upgrade, in gc)."""
@@ -158,13 +184,10 @@ class DiskStore:
             gen = self._cache.incr(_GEN)
             for key in missing:
                 try:
-                    root = Segment.from_json(records[key]).root
+                    seg = Segment.from_json(records[key])
                 except CorruptSegmentError:
                     continue
-                self._sql(
-                    f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?)",
-                    (key, root, gen, records[key]),
-                )
+                self._sql(_UPSERT, (key, seg.root, gen, records[key], _head(seg)))
             for key in stale:
                 self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
 
@@ -188,10 +211,7 @@ class DiskStore:
             self._cache.set(_SEG + seg.key, text)
             self._cache.incr(_BYTES, seg.nbytes)
             gen = self._cache.incr(_GEN)
-            self._sql(
-                f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?)",
-                (seg.key, seg.root, gen, text),
-            )
+            self._sql(_UPSERT, (seg.key, seg.root, gen, text, _head(seg)))
         return True
 
     def get(self, key: str) -> Segment | None:
@@ -251,10 +271,11 @@ class DiskStore:
         self._sql(
             f"DELETE FROM {_TABLE} WHERE segment IS NULL AND seq <= ? AND key != ''", (floor,)
         )
-        self._sql(f"INSERT OR REPLACE INTO {_TABLE} VALUES ('', '', ?, NULL)", (floor,))
+        self._sql(_UPSERT, ("", "", floor, None, None))
 
-    def changes(self, root: str, since: int) -> IndexDelta:
+    def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
         """What changed among ``root``'s segments after log position ``since`` (one snapshot)."""
+        over = False
         try:
             self._sql("BEGIN")  # deferred: a read snapshot, never waits for writers (WAL)
             try:
@@ -262,7 +283,16 @@ class DiskStore:
                 floor = self._sql(f"SELECT seq FROM {_TABLE} WHERE key = ''").fetchone()
                 top = int(top or 0)
                 full = since < 0 or since > top or (floor is not None and since < floor[0])
-                if full:
+                if full and limit is not None:
+                    (n,) = self._sql(
+                        f"SELECT COUNT(*) FROM (SELECT 1 FROM {_TABLE} WHERE root = ? "
+                        "AND segment IS NOT NULL LIMIT ?)",
+                        (root, limit + 1),
+                    ).fetchone()
+                    over = n > limit
+                if over:
+                    rows = []
+                elif full:
                     rows = self._sql(
                         f"SELECT key, segment FROM {_TABLE} WHERE root = ? AND segment IS NOT NULL",
                         (root,),
@@ -287,7 +317,30 @@ class DiskStore:
                 added.append(Segment.from_json(text))
             except CorruptSegmentError as exc:
                 log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
-        return IndexDelta(seq=top, added=tuple(added), removed=tuple(removed), full=full)
+        return IndexDelta(seq=top, added=tuple(added), removed=tuple(removed), full=full, over=over)
+
+    def children(self, root: str, heads: Iterable[str]) -> tuple[Segment, ...]:
+        """The live segments of ``root`` with one of these heads (one indexed query)."""
+        wanted = list(dict.fromkeys(heads))
+        texts: list[tuple[str, str]] = []
+        try:
+            for i in range(0, len(wanted), _HEADS_PER_QUERY):
+                batch = wanted[i : i + _HEADS_PER_QUERY]
+                marks = ",".join("?" * len(batch))
+                texts += self._sql(
+                    f"SELECT key, segment FROM {_TABLE} WHERE head IN ({marks}) AND root = ? "
+                    "AND segment IS NOT NULL",
+                    (*batch, root),
+                ).fetchall()
+        except (sqlite3.Error, diskcache.core.Timeout) as exc:
+            raise StoreError(f"cannot read the index of store {self.path}: {exc}") from exc
+        out = []
+        for key, text in texts:
+            try:
+                out.append(Segment.from_json(text))
+            except CorruptSegmentError as exc:
+                log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
+        return tuple(out)
 
     def touch(self, key: str, now: float) -> None:
         try:
