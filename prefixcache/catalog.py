@@ -140,7 +140,7 @@ class Catalog:
         root = self.root(namespace)
         if known is not None and known.sparse and known.held > SPARSE_MAX_TOKENS:
             known = Known(seq=known.seq, sparse=True)  # the log from there on still applies
-        elif known is not None and len(known.segments) > 2 * FULL_LISTING_MAX:
+        elif known is not None and not known.sparse and len(known.segments) > 2 * FULL_LISTING_MAX:
             known = None  # grown large: list it again, or follow it sparsely
         delta = log_.changes(root, -1 if known is None else known.seq, limit=FULL_LISTING_MAX)
         if known is None or delta.full:
