@@ -320,7 +320,7 @@ class PrefixCache:
             known,
             match,
             tokens,
-            lambda: self._pin_reader(self.root(namespace)),
+            lambda: self.catalog.with_pins(known, self._pin_reader(self.root(namespace))),
             self.template.detokenize,
         )
         if match.length <= live:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import CorruptSegmentError, IncompatibleStateError
 from .fingerprint import Fingerprint
 from .radix import RadixIndex
-from .segment import HEAD_TOKENS, Segment, head_key, root_key
+from .segment import HEAD_TOKENS, Pin, Segment, head_key, root_key
 from .store import Store
 from .store.base import ChangeLog, IndexDelta
 
@@ -268,6 +268,29 @@ class Catalog:
                 continue
             known.hold(s, parent)
             todo.extend(known.waiting.pop(s.key, {}).values())
+
+    def with_pins(self, known: Known, pins: Iterable[Pin]) -> list[Pin]:
+        """``pins``, with the chain of each indexed (a sparse index holds only what prompts
+        brought in; explaining a divergence inside a pin needs the pin's whole path)."""
+        pins = list(pins)
+        if not known.sparse:
+            return pins
+        now = time.time()
+        for pin in pins:
+            if pin.key in known.index or pin.expired(now):
+                continue
+            chain: list[Segment] = []
+            key = pin.key
+            while key != pin.root and key not in known.index:
+                seg = self.store.get(key)
+                if seg is None or seg.root != pin.root or key in self.refused:
+                    break
+                chain.append(seg)
+                key = seg.parent
+            else:
+                for seg in reversed(chain):
+                    known.hold(seg, None if seg.parent == pin.root else seg.parent)
+        return pins
 
     def add(self, known: Known, seg: Segment) -> None:
         """Index a segment this process has just written."""

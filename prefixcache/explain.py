@@ -395,7 +395,8 @@ def explain(
     with cache._lock:
         tokens = cache.template.tokens(call.messages, call.tools)
         known = cache.catalog.sync(ns, tokens)
-        return explain_tokens(known, tokens, cache.pins(ns), cache.template.detokenize, ns)
+        pins = cache.catalog.with_pins(known, cache.pins(ns))
+        return explain_tokens(known, tokens, pins, cache.template.detokenize, ns)
 
 
 __all__ = [

@@ -25,7 +25,8 @@ from test_redis import RedisServer, cluster  # noqa: F401 (cluster: a fixture us
 import prefixcache.catalog
 import prefixcache.segment
 from prefixcache.catalog import Catalog
-from prefixcache.segment import Segment, checksum, head_key, root_key, segment_key
+from prefixcache.explain import DIVERGED_IN_PIN, explain_tokens
+from prefixcache.segment import Pin, Segment, checksum, head_key, root_key, segment_key
 from prefixcache.store import DiskStore, Store, open_store
 from prefixcache.store.redis import RedisStore
 
@@ -251,26 +252,26 @@ def test_a_fresh_lookup_in_a_large_namespace_reads_only_the_prompts_path(
     rng = random.Random(7)
     prompt = [rng.randrange(1, 50000) for _ in range(128)]
     path = _chain(writer, "a", [prompt[i : i + 32] for i in range(0, 128, 32)])
-    for i in range(1500):  # continuations of each segment of the path, and other conversations
+    for _ in range(1500):  # continuations of each segment of the path, and other conversations
         after = rng.choice([None, *path])
         _chain(writer, "a", [[rng.randrange(1, 50000) for _ in range(16)]], after)
     reader = Counting(open_store(url))
     catalog = Catalog(reader, Fingerprint())  # type: ignore[arg-type]
-    known = catalog.sync("a", prompt + [1, 2])
+    known = catalog.sync("a", [*prompt, 1, 2])
     assert known.sparse
-    assert known.index.match(prompt + [1, 2]).chain == tuple(s.key for s in path)
+    assert known.index.match([*prompt, 1, 2]).chain == tuple(s.key for s in path)
     assert reader.rows <= 10 and reader.queries <= 6, (reader.rows, reader.queries)
     assert len(known.segments) <= 10  # not the namespace's 1,504 segments
     # Steady: nothing read. After a write: only what changed.
     reader.rows = reader.queries = 0
-    catalog.sync("a", prompt + [1, 2])
+    catalog.sync("a", [*prompt, 1, 2])
     assert (reader.rows, reader.queries) == (0, 1)
     tail = _chain(writer, "a", [[1, 2, 3]], path[-1])
-    known = catalog.sync("a", prompt + [1, 2, 3])
-    assert known.index.match(prompt + [1, 2, 3]).chain == (*(s.key for s in path), tail[0].key)
+    known = catalog.sync("a", [*prompt, 1, 2, 3])
+    assert known.index.match([*prompt, 1, 2, 3]).chain == (*(s.key for s in path), tail[0].key)
     assert reader.rows <= 3
     writer.delete(tail[0].key)
-    assert catalog.sync("a", prompt + [1, 2, 3]).index.match(prompt + [1, 2, 3]).length == 128
+    assert catalog.sync("a", [*prompt, 1, 2, 3]).index.match([*prompt, 1, 2, 3]).length == 128
     writer.close()
 
 
@@ -335,3 +336,21 @@ def test_a_restore_through_a_sparse_index_matches_cold_output(
     assert warm.catalog.sync(warm.namespace).sparse
     assert cached(reply2) >= reply1["usage"]["prompt_tokens"]
     assert text(reply2) == cold_reply(turn2, max_tokens=16)
+
+
+def test_a_divergence_inside_a_pin_is_explained_through_a_sparse_index(
+    tmp_path: Path, monkeypatch: Any
+):
+    monkeypatch.setattr(prefixcache.catalog, "FULL_LISTING_MAX", 0)
+    store = DiskStore(tmp_path / "store")
+    pinned = list(range(100, 148))
+    chain = _chain(store, "a", [pinned[:16], pinned[16:32], pinned[32:]])
+    store.set_pin(Pin("base", chain[-1].key, chain[0].root, 48, time.time()))
+    prompt = [*pinned[:26], 7, 7, 7]  # leaves the pin inside its second segment
+    catalog = Catalog(store, Fingerprint())  # type: ignore[arg-type]
+    known = catalog.sync("a", prompt)
+    assert known.sparse and chain[-1].key not in known.index  # not on the prompt's path
+    pins = catalog.with_pins(known, store.pins())
+    why = explain_tokens(known, prompt, pins, lambda toks: " ".join(map(str, toks)), "a")
+    assert why.kind == DIVERGED_IN_PIN and why.divergence is not None
+    assert why.divergence.pin == "base" and why.matched_tokens == 26

@@ -1,11 +1,11 @@
 """One of several processes writing to one store at random while checking every lookup.
 
-Usage: index_worker.py STORE_URL SEED ITERATIONS [sparse]. Each iteration puts a segment (chained onto a
-random stored one, over a three-token alphabet so that prompts share and leave prefixes
-everywhere), deletes one (any, also one with children), or pins or unpins, then looks prompts up
-through a Catalog and compares each answer with a brute-force match over the store's contents,
-read in the same quiet window (the store's generation unchanged around both). Prints a JSON line
-``{"checked": n, "skipped": n}``; exits non-zero at the first difference.
+Usage: index_worker.py STORE_URL SEED ITERATIONS [sparse]. Each iteration puts a segment
+(chained onto a random stored one, over a three-token alphabet so that prompts share and leave
+prefixes everywhere), deletes one (any, also one with children), or pins or unpins, then looks
+prompts up through a Catalog and compares each answer with a brute-force match over the store's
+contents, read in the same quiet window (the store's generation unchanged around both). Prints a
+JSON line ``{"checked": n, "skipped": n}``; exits non-zero at the first difference.
 
 With ``sparse``, namespaces of more than 3 segments are indexed sparsely (heads of 2 tokens, a
 tiny memory cap so that indexes are also dropped and started again): an answer must then lie
