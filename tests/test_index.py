@@ -296,27 +296,35 @@ def test_a_sparse_index_stays_under_its_memory_cap(tmp_path: Path, monkeypatch: 
     store.close()
 
 
-def test_a_disk_store_of_index_format_1_gets_its_heads_once(tmp_path: Path):
+def test_a_disk_store_without_heads_gets_them_once_and_old_writers_still_fit(tmp_path: Path):
     path = tmp_path / "store"
     store = DiskStore(path)
     (seg,) = _chain(store, "a", [[1, 2, 3]])
-    store._cache.set("index-format", 1)
     store.close()
-    with sqlite3.connect(path / "cache.db") as db:  # what format 1 looked like: no heads
-        db.execute("DROP INDEX prefixcache_index_head")
-        db.execute("ALTER TABLE prefixcache_index DROP COLUMN head")
+    with sqlite3.connect(path / "cache.db") as db:  # a store written before heads existed
+        db.execute("DROP TABLE prefixcache_heads")
+        db.execute("DELETE FROM Cache WHERE key = 'index-heads'")
     store = DiskStore(path)
     assert store.children(seg.root, [head_key(seg.root, [1, 2, 3])]) == (seg,)
     assert store.children(seg.root, [head_key(seg.root, [1, 2])]) == ()
+    # A process of the earlier version writes rows of four values and no head: gc adds it.
+    (old,) = _chain(store, "a", [[4, 5]])
+    with sqlite3.connect(path / "cache.db") as db:
+        db.execute("DELETE FROM prefixcache_heads WHERE key = ?", (old.key,))
+        db.execute("INSERT INTO prefixcache_index VALUES (?, ?, ?, ?)", ("x", old.root, 0, None))
+    assert store.children(old.root, [head_key(old.root, [4, 5])]) == ()
+    store.gc()
+    assert store.children(old.root, [head_key(old.root, [4, 5])]) == (old,)
+    store.close()
 
 
-def test_a_redis_store_of_index_format_1_gets_its_heads_once(redis_url: str):
+def test_a_redis_store_without_head_sets_gets_them_once(redis_url: str):
     store = RedisStore(redis_url)
     (seg,) = _chain(store, "a", [[1, 2, 3]])
     client = store.client
     for name in client.keys("pc:{idx}:head:*"):
         client.delete(name)
-    client.set("pc:{idx}:index-format", "1")
+    client.delete("pc:{idx}:heads-format")
     store = RedisStore(redis_url)
     assert store.children(seg.root, [head_key(seg.root, [1, 2, 3])]) == (seg,)
     store.delete(seg.key)

@@ -42,20 +42,28 @@ _GEN = "generation"
 _BYTES = "bytes"
 #: Version of the index table; a store opened without it (older) is indexed once at open.
 _INDEX_FORMAT = "index-format"
-_INDEX_VERSION = 2  # 2: rows carry their segment's head (segment.head_key)
+_INDEX_VERSION = 1
+#: Version of the heads table (segment.head_key of each segment, for sparse lookups). A table
+#: of its own, so that processes of earlier versions, which know only the index table, still
+#: write to the store; what they add has no head until the next gc() (or upgrade) gives it one.
+_HEADS_FORMAT = "index-heads"
+_HEADS_VERSION = 1
 #: Tombstones of deleted segments are kept for this many log positions: an index that last
 #: looked further back than that reloads its root.
 TOMBSTONE_HORIZON = 4096
 _TABLE = "prefixcache_index"
+_HEADS = "prefixcache_heads"
 _SCHEMA = (
     # segment NULL: deleted at ``seq`` (a tombstone). The row of key '' holds the log floor.
     f"CREATE TABLE IF NOT EXISTS {_TABLE} (key TEXT PRIMARY KEY, root TEXT NOT NULL, "
-    "seq INTEGER NOT NULL, segment TEXT, head TEXT)",
+    "seq INTEGER NOT NULL, segment TEXT)",
     f"CREATE INDEX IF NOT EXISTS {_TABLE}_root ON {_TABLE} (root, seq)",
     f"CREATE INDEX IF NOT EXISTS {_TABLE}_seq ON {_TABLE} (seq)",
+    f"CREATE TABLE IF NOT EXISTS {_HEADS} (key TEXT PRIMARY KEY, head TEXT NOT NULL)",
+    f"CREATE INDEX IF NOT EXISTS {_HEADS}_head ON {_HEADS} (head)",
 )
-_HEAD_INDEX = f"CREATE INDEX IF NOT EXISTS {_TABLE}_head ON {_TABLE} (head)"
-_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} (key, root, seq, segment, head) VALUES (?, ?, ?, ?, ?)"
+_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} (key, root, seq, segment) VALUES (?, ?, ?, ?)"
+_UPSERT_HEAD = f"INSERT OR REPLACE INTO {_HEADS} (key, head) VALUES (?, ?)"
 #: At most this many heads per query (SQLite's default limit on variables is 32,766).
 _HEADS_PER_QUERY = 500
 
@@ -132,13 +140,17 @@ class DiskStore:
             if db.exists():
                 os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
         try:
-            if self._cache.get(_INDEX_FORMAT) != _INDEX_VERSION:
+            logged = self._cache.get(_INDEX_FORMAT) == _INDEX_VERSION
+            headed = self._cache.get(_HEADS_FORMAT) == _HEADS_VERSION
+            if not (logged and headed):
                 for statement in _SCHEMA:
                     self._sql_retry(statement)
-                self._add_heads()
-                self._sql_retry(_HEAD_INDEX)
+            if not logged:
                 self._reindex()
                 self._cache.set(_INDEX_FORMAT, _INDEX_VERSION)
+            if not headed:
+                self._add_heads()
+                self._cache.set(_HEADS_FORMAT, _HEADS_VERSION)
         except (sqlite3.Error, diskcache.core.Timeout) as exc:
             raise StoreError(f"cannot index store {self.path}: {exc}") from exc
 
@@ -152,20 +164,18 @@ class DiskStore:
         return self._cache._sql_retry(statement, args)
 
     def _add_heads(self) -> None:
-        """Give the rows of an index table of format 1 their heads (once, at open)."""
-        columns = {row[1] for row in self._sql(f"PRAGMA table_info({_TABLE})")}
+        """Give every live row that has none its head (at open after an upgrade, in gc)."""
         with self._cache.transact():
-            if "head" not in columns:
-                self._sql(f"ALTER TABLE {_TABLE} ADD COLUMN head TEXT")
             rows = self._sql(
-                f"SELECT key, segment FROM {_TABLE} WHERE head IS NULL AND segment IS NOT NULL"
+                f"SELECT key, segment FROM {_TABLE} WHERE segment IS NOT NULL "
+                f"AND key NOT IN (SELECT key FROM {_HEADS})"
             ).fetchall()
             for key, text in rows:
                 try:
-                    head = _head(Segment.from_json(text))
+                    seg = Segment.from_json(text)
                 except CorruptSegmentError:
                     continue
-                self._sql(f"UPDATE {_TABLE} SET head = ? WHERE key = ?", (head, key))
+                self._sql(_UPSERT_HEAD, (key, _head(seg)))
 
     def _reindex(self) -> None:
         """Make the index table match the segment records (at open after an upgrade, in gc)."""
@@ -187,7 +197,8 @@ class DiskStore:
                     seg = Segment.from_json(records[key])
                 except CorruptSegmentError:
                     continue
-                self._sql(_UPSERT, (key, seg.root, gen, records[key], _head(seg)))
+                self._sql(_UPSERT, (key, seg.root, gen, records[key]))
+                self._sql(_UPSERT_HEAD, (key, _head(seg)))
             for key in stale:
                 self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
 
@@ -211,7 +222,8 @@ class DiskStore:
             self._cache.set(_SEG + seg.key, text)
             self._cache.incr(_BYTES, seg.nbytes)
             gen = self._cache.incr(_GEN)
-            self._sql(_UPSERT, (seg.key, seg.root, gen, text, _head(seg)))
+            self._sql(_UPSERT, (seg.key, seg.root, gen, text))
+            self._sql(_UPSERT_HEAD, (seg.key, _head(seg)))
         return True
 
     def get(self, key: str) -> Segment | None:
@@ -258,6 +270,7 @@ class DiskStore:
                 self._cache.incr(_BYTES, -freed)
                 gen = self._cache.incr(_GEN)
                 self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
+                self._sql(f"DELETE FROM {_HEADS} WHERE key = ?", (key,))
                 if gen % 256 == 0:
                     self._trim_tombstones(gen - TOMBSTONE_HORIZON)
             self._cache.delete(_KV + key)
@@ -271,7 +284,7 @@ class DiskStore:
         self._sql(
             f"DELETE FROM {_TABLE} WHERE segment IS NULL AND seq <= ? AND key != ''", (floor,)
         )
-        self._sql(_UPSERT, ("", "", floor, None, None))
+        self._sql(_UPSERT, ("", "", floor, None))
 
     def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
         """What changed among ``root``'s segments after log position ``since`` (one snapshot)."""
@@ -328,8 +341,8 @@ class DiskStore:
                 batch = wanted[i : i + _HEADS_PER_QUERY]
                 marks = ",".join("?" * len(batch))
                 texts += self._sql(
-                    f"SELECT key, segment FROM {_TABLE} WHERE head IN ({marks}) AND root = ? "
-                    "AND segment IS NOT NULL",
+                    f"SELECT i.key, i.segment FROM {_HEADS} h JOIN {_TABLE} i ON i.key = h.key "
+                    f"WHERE h.head IN ({marks}) AND i.root = ? AND i.segment IS NOT NULL",
                     (*batch, root),
                 ).fetchall()
         except (sqlite3.Error, diskcache.core.Timeout) as exc:
@@ -434,6 +447,7 @@ class DiskStore:
         self._cache.set(_BYTES, total)
         self._cache.incr(_GEN)
         self._reindex()
+        self._add_heads()  # rows that writers of earlier versions added
         return GcReport(orphans=orphans, broken=broken, bytes_freed=freed)
 
     def close(self) -> None:

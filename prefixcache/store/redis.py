@@ -88,7 +88,12 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 #: index that last looked further back than that reloads the root.
 TOMBSTONE_HORIZON = 4096
 #: Version of the change log's layout, in ``{prefix}:{idx}:index-format``.
-_INDEX_VERSION = b"2"  # 2: head sets (segment.head_key)
+_INDEX_VERSION = b"1"
+#: Version of the head sets (``head:<head>``: the keys of the segments with that head, for
+#: sparse lookups), in ``{prefix}:{idx}:heads-format``. A marker of its own, so that processes
+#: of earlier versions still write to the store; what they add has no head set until the next
+#: gc() gives it one.
+_HEADS_VERSION = b"1"
 #: Log positions below the dataset id (see RedisStore.generation).
 _SEQ_MASK = (1 << 48) - 1
 
@@ -382,6 +387,7 @@ class RedisStore:
         self._locks = idx + "lock:"
         self._roots = idx + "roots"
         self._format = idx + "index-format"
+        self._heads_format = idx + "heads-format"
         self._indexed = False  # whether this store's change log is known to be complete
         # KEYS of the index scripts.
         self._index_keys = [self._segs, self._bytes, self._gen, self._hits, self._last]
@@ -914,14 +920,21 @@ class RedisStore:
                     )
 
     def _ensure_indexed(self) -> None:
-        """Log the segments of a store written before the change log existed (once)."""
+        """Log the segments of a store written before the change log (or its head sets)
+        existed (once)."""
         if self._indexed:
             return
-        if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
+
+        def current() -> bool:
+            marks = self._call(lambda: self.client.mget(self._format, self._heads_format))
+            return list(marks) == [_INDEX_VERSION, _HEADS_VERSION]
+
+        if not current():
             with self.lock("index-upgrade", timeout=600):
-                if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
+                if not current():
                     self._reindex({s.key: s for s in self.segments()})
-                    self._run(_SET, [self._format], [_INDEX_VERSION], allow_oom=True)
+                    self._run(_SET_NX, [self._format], [_INDEX_VERSION], allow_oom=True)
+                    self._run(_SET, [self._heads_format], [_HEADS_VERSION], allow_oom=True)
         self._indexed = True
 
     def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
