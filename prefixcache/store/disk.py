@@ -340,9 +340,12 @@ class DiskStore:
             for i in range(0, len(wanted), _HEADS_PER_QUERY):
                 batch = wanted[i : i + _HEADS_PER_QUERY]
                 marks = ",".join("?" * len(batch))
+                # CROSS JOIN keeps this order (heads first, by their index): the planner would
+                # otherwise walk every row of the root.
                 texts += self._sql(
-                    f"SELECT i.key, i.segment FROM {_HEADS} h JOIN {_TABLE} i ON i.key = h.key "
-                    f"WHERE h.head IN ({marks}) AND i.root = ? AND i.segment IS NOT NULL",
+                    f"SELECT i.key, i.segment FROM {_HEADS} h CROSS JOIN {_TABLE} i "
+                    f"ON i.key = h.key WHERE h.head IN ({marks}) AND i.root = ? "
+                    "AND i.segment IS NOT NULL",
                     (*batch, root),
                 ).fetchall()
         except (sqlite3.Error, diskcache.core.Timeout) as exc:
