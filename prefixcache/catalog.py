@@ -219,7 +219,7 @@ class Catalog:
             need = []
             for p, e in frontier:
                 t = toks[e : e + HEAD_TOKENS]
-                if t not in known.probed.get(p, ()):
+                if t and t not in known.probed.get(p, ()):
                     need.append((p, t))
             if need:
                 heads = [head_key(p or root, t[:k]) for p, t in need for k in range(1, len(t) + 1)]
