@@ -7,7 +7,8 @@ from ever pickling (values are bytes, keys and metadata are str), switch off its
 Beside diskcache's table, in the same database and written in the same transactions, a table of
 our own holds each segment's metadata by root with the log position of its last change (a
 deleted segment leaves a tombstone for a while): :meth:`DiskStore.changes` answers an index
-with what changed for its root alone (docs/design.md).
+with what changed for its root alone (docs/design.md). A second table holds each segment's head,
+so that :meth:`DiskStore.children` finds the stored continuations of a prompt in one query.
 """
 
 from __future__ import annotations

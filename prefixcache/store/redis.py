@@ -10,7 +10,8 @@ The indexes live under their own fixed tag ``{prefix}:{idx}:…`` (the set of se
 byte and generation counters, hits, last use, pins, documents, locks, and per root the change
 log that indexes follow: ``rows:<root>`` maps each segment key to its JSON, ``log:<root>`` is a
 sorted set of keys scored by the generation of their last change, ``dead:<root>`` the deleted
-ones among them until they are trimmed, ``floor:<root>`` how far back the log still reaches).
+ones among them until they are trimmed, ``floor:<root>`` how far back the log still reaches;
+and ``head:<head>``, the keys of the segments with that head, for sparse lookups).
 A put writes its parts with a TTL under a nonce of its own, then one script checks their
 lengths, makes them permanent and creates the meta record only if it does not exist yet: a
 reader that sees the meta sees complete parts, concurrent writers of one key never overwrite
