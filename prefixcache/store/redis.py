@@ -149,8 +149,8 @@ return 1
 # head; ARGV: segment key, segment JSON, root.
 _REINDEX = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('SADD', KEYS[7], ARGV[1])
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+redis.call('SADD', KEYS[7], ARGV[1])
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
@@ -240,6 +240,12 @@ for i = 2, #KEYS do
   end
 end
 return out
+"""
+
+# KEYS: head sets; ARGV: a segment key for each.
+_ADD_HEADS = """
+for i = 1, #KEYS do redis.call('SADD', KEYS[i], ARGV[i]) end
+return 1
 """
 
 # KEYS: key; ARGV: value.
@@ -912,13 +918,19 @@ class RedisStore:
                     allow_oom=True,
                 )
             for key, seg in segments.items():
-                if seg.root == root:  # (rows it has already only get their head set)
+                if seg.root == root and key not in have:
                     self._run(
                         _REINDEX,
                         [self._segs, gen, rows, log_, dead, self._roots, self._head_set(seg)],
                         [key, seg.to_json(), root],
                         allow_oom=True,
                     )
+        # Head sets of segments logged by writers of earlier versions (they keep none).
+        listed = list(segments.values())
+        for i in range(0, len(listed), 512):
+            batch = listed[i : i + 512]
+            heads = [self._head_set(seg) for seg in batch]
+            self._run(_ADD_HEADS, heads, [seg.key for seg in batch], allow_oom=True)
 
     def _ensure_indexed(self) -> None:
         """Log the segments of a store written before the change log (or its head sets)
