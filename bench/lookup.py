@@ -4,9 +4,10 @@
     .venv/bin/python bench/lookup.py --segments 10000 --old /tmp/old-tree
 
 No model is needed: the segments are metadata with a few bytes of "KV", and what is timed is the
-real lookup path (``Catalog.sync(namespace).index.match(prompt)``, what ``PrefixCache.lookup``
-runs under the model lock), on a real store opened the way the cache opens it (``open_store``:
-a DiskStore, or a Redis store with its local tier). The store holds, for ``N`` segments:
+real lookup path (``Catalog.sync(namespace, prompt).index.match(prompt)``, what
+``PrefixCache.lookup`` runs under the model lock), on a real store opened the way the cache
+opens it (``open_store``: a DiskStore, or a Redis store with its local tier). The store holds,
+for ``N`` segments:
 
 - namespaces ``agent-0`` and ``agent-1``: the 8k-token prompt as a chain of 8 segments of 1024
   tokens each, plus ``--own-share`` of ``N`` (default 1%, half in each) one-segment
