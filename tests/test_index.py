@@ -275,6 +275,22 @@ def test_a_fresh_lookup_in_a_large_namespace_reads_only_the_prompts_path(
     writer.close()
 
 
+def test_a_tiered_store_serves_a_sparse_lookup_from_its_local_tier_in_an_outage(
+    tmp_path: Path, monkeypatch: Any
+):
+    monkeypatch.setattr(prefixcache.catalog, "FULL_LISTING_MAX", 0)
+    server = RedisServer(tmp_path / "redis")
+    store = open_store(server.url(local=str(tmp_path / "tier")))
+    prompt = list(range(1, 41))
+    path = _chain(store, "a", [prompt[:20], prompt[20:]])
+    want = tuple(s.key for s in path)
+    assert Catalog(store, Fingerprint()).sync("a", prompt).index.match(prompt).chain == want  # type: ignore[arg-type]
+    server.kill()  # the index now follows the local tier (which every put also wrote)
+    known = Catalog(store, Fingerprint()).sync("a", prompt)  # type: ignore[arg-type]
+    assert known.sparse and known.index.match(prompt).chain == want
+    store.close()
+
+
 def test_a_sparse_index_stays_under_its_memory_cap(tmp_path: Path, monkeypatch: Any):
     monkeypatch.setattr(prefixcache.catalog, "FULL_LISTING_MAX", 10)
     monkeypatch.setattr(prefixcache.catalog, "SPARSE_MAX_TOKENS", 1000)
