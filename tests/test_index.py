@@ -151,7 +151,10 @@ def test_a_lookup_after_another_process_wrote_reads_only_what_changed(tmp_path: 
     assert reader.reads == 0  # no segment read one by one, no listing of the store's keys
 
 
-def test_the_change_log_works_on_a_redis_cluster(cluster: list[RedisServer]):  # noqa: F811
+def test_the_change_log_works_on_a_redis_cluster(
+    cluster: list[RedisServer],  # noqa: F811
+    monkeypatch: Any,
+):
     store = RedisStore(cluster[0].url(cluster="1"))
     catalog = Catalog(store, Fingerprint())  # type: ignore[arg-type]
     first = _put(store, "a", [1, 2, 3])
@@ -164,6 +167,10 @@ def test_the_change_log_works_on_a_redis_cluster(cluster: list[RedisServer]):  #
     assert known.index.match([5, 7]).length == 2
     assert store.gc().broken == 0
     assert Catalog(store, Fingerprint()).sync("a").segments.keys() == known.segments.keys()  # type: ignore[arg-type]
+    # A sparse lookup: the head sets and the script that reads them are in the index's slot.
+    monkeypatch.setattr(prefixcache.catalog, "FULL_LISTING_MAX", 0)
+    sparse = Catalog(store, Fingerprint()).sync("a", [5, 7, 9])  # type: ignore[arg-type]
+    assert sparse.sparse and sparse.index.match([5, 7, 9]).length == 2
     store.close()
 
 
