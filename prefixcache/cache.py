@@ -272,7 +272,7 @@ class PrefixCache:
         """The longest stored prefix of ``tokens`` (no model work)."""
         ns = self.namespace if namespace is None else namespace
         with self._lock:
-            return self.catalog.sync(ns).index.match(tokens)
+            return self.catalog.sync(ns, tokens).index.match(tokens)
 
     def explain(
         self,
@@ -309,7 +309,7 @@ class PrefixCache:
         if self.kv.owner == namespace:
             live = common_prefix_length(self.kv.live_tokens(), tokens)
         try:
-            known = self.catalog.sync(namespace)
+            known = self.catalog.sync(namespace, tokens)
         except _STORE_FAILURES as exc:
             self._store_failed("reading the index", exc)
             self.kv.truncate(live)
@@ -320,7 +320,7 @@ class PrefixCache:
             known,
             match,
             tokens,
-            lambda: self._pin_reader(self.root(namespace)),
+            lambda: self.catalog.with_pins(known, self._pin_reader(self.root(namespace))),
             self.template.detokenize,
         )
         if match.length <= live:
@@ -467,7 +467,7 @@ class PrefixCache:
         """
         if common_prefix_length(self.kv.live_tokens(), tokens[:end]) < end:
             raise RuntimeError("the span to store is not live in the context")
-        known = self.catalog.sync(namespace)
+        known = self.catalog.sync(namespace, tokens[:end])
         root = self.root(namespace)
         parent, at = known.index.deepest_boundary(tokens[:end])
         if at == end:
@@ -600,7 +600,7 @@ class PrefixCache:
             if last is None:
                 raise PrefixCacheError("nothing to pin: the prefix is empty")
             if not new_keys:
-                quota_check(list(self.catalog.sync(ns).index.chain(last)), 0)
+                quota_check(list(self.catalog.sync(ns, tokens).index.chain(last)), 0)
             self.store.set_pin(
                 Pin(
                     name=name,
