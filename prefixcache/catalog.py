@@ -32,9 +32,9 @@ from .store.base import ChangeLog, IndexDelta
 #: Indexes of this many namespaces are kept (least recently used dropped first).
 MAX_NAMESPACES = 16
 #: A namespace of at most this many segments is indexed whole, from one listing (~30 us a
-#: segment of 64 tokens: ~15 ms); a larger one sparsely, along the prompts looked up (a full
+#: segment of 64 tokens: ~8 ms); a larger one sparsely, along the prompts looked up (a full
 #: index that grows to twice as many is dropped and started again, which decides anew).
-FULL_LISTING_MAX = 512
+FULL_LISTING_MAX = 256
 #: A sparse index holding more tokens than this (about 40 bytes each) is dropped at the next
 #: lookup and started again from that lookup's prompt.
 SPARSE_MAX_TOKENS = 1 << 18
