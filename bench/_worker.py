@@ -118,7 +118,7 @@ def run_pc(method: str, system: list[dict[str, str]], questions: list[int], d: s
             (p.restore_seconds, cache.stats()["bytes_restored"] - b0, p.restored_tokens)
         )
     # Where prepare()'s restore time goes: the same steps as PrefixCache._load, one at a time.
-    known = cache.catalog.sync(cache.namespace)
+    known = cache.catalog.sync(cache.namespace, prompt)
     chain = [known.segments[k] for k in known.index.match(prompt).chain]
     parts = {"read": [], "checksum": [], "set_data": [], "touch": []}
     for _ in range(5):

@@ -26,6 +26,8 @@ prewarmed store, so that a later run with the same recipes skips their prefill).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 N_CTX = 4096
 MAX_TOKENS = 8
 RECIPES = 10
+AGENTS_PER_WORKER = 2  # routed traffic: agents served by the fleet, per worker
 MARK_BEGIN = "<!-- fleet: written by bench/fleet.py -->"
 MARK_END = "<!-- /fleet -->"
 TOPICS = [
@@ -205,13 +208,55 @@ def first_chunk(chunks: Any) -> tuple[float, float, str]:
     return ttft or total, total, text
 
 
+class Agents:
+    """Where each call's conversation comes from.
+
+    ``sticky``: every worker keeps one conversation of its own. ``routed``: the fleet serves
+    :data:`AGENTS_PER_WORKER` agents per worker, and each call goes to whichever agent is free,
+    so an agent's next turn usually lands on another worker (a load balancer without session
+    affinity). Routed conversations live in one JSON file per agent, taken under a file lock.
+    """
+
+    def __init__(self, folder: Path, routing: str, worker: str):
+        self.folder = folder
+        self.routing = routing
+        self.own: dict[str, Any] = {"recipe": "", "conv": [], "turns_left": 0, "worker": worker}
+        folder.mkdir(exist_ok=True)
+
+    @contextlib.contextmanager
+    def take(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+        if self.routing == "sticky":
+            yield self.own
+            return
+        names = [f"agent-{i}" for i in range(self.count())]
+        for name in rng.sample(names, len(names)):
+            with open(self.folder / f"{name}.lock", "a+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another worker is serving this agent
+                path = self.folder / f"{name}.json"
+                state = json.loads(path.read_text()) if path.exists() else {**self.own}
+                yield state
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state))
+                tmp.replace(path)
+                return
+        raise RuntimeError("every agent is busy (more workers than agents?)")
+
+    def count(self) -> int:
+        workers = len(list(self.folder.parent.glob("worker-*.json.ready")))
+        return AGENTS_PER_WORKER * max(1, workers)
+
+
 def role_worker(
-    store: str, recipes: str, seconds: float, seed: int, out: str, threads: int
+    store: str, recipes: str, seconds: float, seed: int, out: str, threads: int, routing: str
 ) -> None:
     from prefixcache import PrefixCache
     from prefixcache.recipes import load_recipes
 
     rng = random.Random(seed)
+    worker = Path(out).stem
     loaded = load_recipes([recipes])
     cache = PrefixCache.open(store=store, n_ctx=N_CTX, n_threads=threads)
     index = instrument(cache)
@@ -224,33 +269,38 @@ def role_worker(
         time.sleep(0.01)
     cpu0 = time.process_time()
     rows = []
-    conv: list[dict[str, Any]] = []
-    recipe = loaded[0]
-    turns_left = 0
+    agents = Agents(Path(out).parent / "agents", routing, worker)
+    by_name = {r.name: r for r in loaded}
     while time.time() < deadline:
-        if turns_left == 0:
-            recipe = rng.choice(loaded)
-            conv = [dict(m) for m in recipe.messages]
-            turns_left = rng.randint(2, 5)
-        question = rng.choice(QUESTIONS).format(n=f"BB-{rng.randint(10000, 99999)}")
-        conv.append({"role": "user", "content": question})
-        before_s, before_n = index["s"], index["n"]
-        t_start = time.time()
-        chunks = cache.chat(
-            conv,
-            tools=list(recipe.tools) or None,
-            stream=True,
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-        )
-        ttft, total, text = first_chunk(chunks)
-        prepared = getattr(chunks, "prepared", None)
-        conv.append({"role": "assistant", "content": text})
-        turns_left -= 1
+        with agents.take(rng) as agent:
+            if agent["turns_left"] == 0:
+                recipe = rng.choice(loaded)
+                agent.update(recipe=recipe.name, turns_left=rng.randint(2, 5), worker=worker)
+                agent["conv"] = [dict(m) for m in recipe.messages]
+            recipe = by_name[agent["recipe"]]
+            conv = agent["conv"]
+            moved = agent["worker"] != worker
+            question = rng.choice(QUESTIONS).format(n=f"BB-{rng.randint(10000, 99999)}")
+            conv.append({"role": "user", "content": question})
+            before_s, before_n = index["s"], index["n"]
+            t_start = time.time()
+            chunks = cache.chat(
+                conv,
+                tools=list(recipe.tools) or None,
+                stream=True,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+            )
+            ttft, total, text = first_chunk(chunks)
+            prepared = getattr(chunks, "prepared", None)
+            conv.append({"role": "assistant", "content": text})
+            agent["turns_left"] -= 1
+            agent["worker"] = worker
         rows.append(
             {
                 "t": t_start,
                 "recipe": recipe.name,
+                "moved": moved,
                 "ttft_s": ttft,
                 "total_s": total,
                 "prompt": prepared.prompt_tokens if prepared else 0,
@@ -313,6 +363,7 @@ def run_fleet(kind: str, stores: list[str], recipes: Path, work: Path, args: Any
                 str(args.seed * 1000 + i),
                 str(out),
                 str(args.threads),
+                args.routing,
             )
         )
     deadline = time.monotonic() + 600
@@ -367,6 +418,7 @@ def summarise(kind: str, results: list[dict[str, Any]], args: Any) -> dict[str, 
         "minutes": args.minutes,
         "calls": len(rows),
         "calls_per_min": len(rows) / args.minutes,
+        "moved_share": sum(bool(r.get("moved")) for r in rows) / max(1, len(rows)),
         "per_worker_calls": [len(res["rows"]) for res in results],
         "ttft_p50_ms": 1e3 * pct(ttft, 0.5),
         "ttft_p95_ms": 1e3 * pct(ttft, 0.95),
@@ -429,6 +481,7 @@ LINES = [
     ("hit rate (reused / prompt tokens)", "hit_rate", "{:.1%}"),
     ("of the prompt, restored from the store", "restored_share", "{:.1%}"),
     ("prompt tokens per call (mean)", "prompt_tokens_mean", "{:.0f}"),
+    ("turns served by another worker than the last", "moved_share", "{:.0%}"),
     ("index overhead per call, mean", "index_mean_ms", "{:.2f} ms"),
     ("index overhead per call, p50", "index_p50_ms", "{:.2f} ms"),
     ("index overhead per call, p95", "index_p95_ms", "{:.2f} ms"),
@@ -439,6 +492,12 @@ LINES = [
     ("CPU cores used by the workers", "fleet_cores", "{:.2f}"),
     ("CPU cores used by other processes", "other_cores", "{:.2f}"),
 ]
+ROUTING = {
+    "sticky": "each worker keeps its own conversation (routing `sticky`).",
+    "routed": f"routing `routed`: the fleet serves {AGENTS_PER_WORKER} agents per worker and "
+    "each call goes to whichever agent is free, so an agent's next turn usually lands on "
+    "another worker (a load balancer without session affinity).",
+}
 LABEL = {"redis": "shared Redis + local tiers", "disk": "private disk stores"}
 
 
@@ -469,7 +528,9 @@ def section(res: dict[str, Any], command: str) -> str:
         f"(SmolLM2-135M Q4_1, n_ctx {N_CTX}, {res.get('threads', 1)} thread) picks one of "
         f"{RECIPES} pinned recipes (prefixes of {min(res['recipe_tokens'] or [0])} to "
         f"{max(res['recipe_tokens'] or [0])} tokens: system prompt + tool schemas), keeps the "
-        "conversation for 2 to 5 user turns, then starts over; each call streams "
+        "conversation for 2 to 5 user turns, then starts over; "
+        + ROUTING[res.get("routing", "sticky")]
+        + " Each call streams "
         f"{MAX_TOKENS} tokens (greedy). TTFT: call to first streamed content/tool-call chunk. "
         "Hit rate: prompt tokens not prefilled (live KV or restored) / prompt tokens. Index "
         "overhead: time in `Catalog.sync` + `RadixIndex.match` during the call. Redis: each "
@@ -540,6 +601,13 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["redis", "disk"], choices=["redis", "disk"])
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per worker")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--routing",
+        choices=["routed", "sticky"],
+        default="routed",
+        help="routed: each call goes to a free agent, so conversations move between workers "
+        "(no session affinity); sticky: each worker keeps its own conversation",
+    )
     parser.add_argument("--out", default=str(HERE), help="folder for results.md and fleet.png")
     parser.add_argument("--json", metavar="FILE", help="also write the raw summary here")
     parser.add_argument(
@@ -556,7 +624,9 @@ def main() -> None:
         elif role == "seed":
             print(json.dumps(role_seed(rest[0], rest[1])))
         else:
-            role_worker(rest[0], rest[1], float(rest[2]), int(rest[3]), rest[4], int(rest[5]))
+            role_worker(
+                rest[0], rest[1], float(rest[2]), int(rest[3]), rest[4], int(rest[5]), rest[6]
+            )
         return
     if args.workers < 1 or args.minutes <= 0:
         raise SystemExit("--workers must be at least 1 and --minutes above 0")
@@ -564,9 +634,12 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     res = bench(args)
     res["threads"] = args.threads
+    res["routing"] = args.routing
     niceness = os.nice(0)
     command = (f"nice -n {niceness} " if niceness else "") + ".venv/bin/python bench/fleet.py"
     command += f" --workers {args.workers} --minutes {args.minutes:g}"
+    if args.routing != "routed":
+        command += f" --routing {args.routing}"
     if args.kinds != ["redis", "disk"]:
         command += " --kinds " + " ".join(args.kinds)
     print("\n".join(table(res)))

@@ -4,13 +4,15 @@
     .venv/bin/python bench/lookup.py --segments 10000 --old /tmp/old-tree
 
 No model is needed: the segments are metadata with a few bytes of "KV", and what is timed is the
-real lookup path (``Catalog.sync(namespace).index.match(prompt)``, what ``PrefixCache.lookup``
-runs under the model lock), on a real store opened the way the cache opens it (``open_store``:
-a DiskStore, or a Redis store with its local tier). The store holds, for ``N`` segments:
+real lookup path (``Catalog.sync(namespace, prompt).index.match(prompt)``, what
+``PrefixCache.lookup`` runs under the model lock), on a real store opened the way the cache
+opens it (``open_store``: a DiskStore, or a Redis store with its local tier). The store holds,
+for ``N`` segments:
 
 - namespaces ``agent-0`` and ``agent-1``: the 8k-token prompt as a chain of 8 segments of 1024
   tokens each, plus ``--own-share`` of ``N`` (default 1%, half in each) one-segment
-  conversations of 64 tokens;
+  conversations of 64 tokens (``--own-share 1.0``: the looked-up namespaces hold the whole
+  store, so each is far over ``FULL_LISTING_MAX`` and is indexed sparsely);
 - the rest in 14 other namespaces: 64-token conversations (what other tenants and models hold).
 
 Measured (medians), each in its own process: ``fresh``, the first lookup of a process that has
@@ -25,6 +27,7 @@ alternate between the two namespaces. ``rss`` is the fresh process's peak memory
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -113,8 +116,10 @@ def populate(url: str, n: int, own_share: float = 0.01) -> None:
 
 
 def _lookup(catalog: Any, ns: str, toks: list[int]) -> float:
+    # The prompt goes to sync (a sparse index reads its path); older checkouts take none.
+    args = (ns, toks) if "tokens" in inspect.signature(catalog.sync).parameters else (ns,)
     t0 = time.perf_counter()
-    match = catalog.sync(ns).index.match(toks)
+    match = catalog.sync(*args).index.match(toks)
     dt = time.perf_counter() - t0
     if match.length != PROMPT_TOKENS:
         raise SystemExit(f"lookup found {match.length} of {PROMPT_TOKENS} tokens in {ns}")

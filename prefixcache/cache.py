@@ -277,7 +277,7 @@ class PrefixCache:
         """The longest stored prefix of ``tokens`` (no model work)."""
         ns = self.namespace if namespace is None else namespace
         with self._lock:
-            return self.catalog.sync(ns).index.match(tokens)
+            return self.catalog.sync(ns, tokens).index.match(tokens)
 
     def explain(
         self,
@@ -314,7 +314,7 @@ class PrefixCache:
         if self.kv.owner == namespace:
             live = common_prefix_length(self.kv.live_tokens(), tokens)
         try:
-            known = self.catalog.sync(namespace)
+            known = self.catalog.sync(namespace, tokens)
         except _STORE_FAILURES as exc:
             self._store_failed("reading the index", exc)
             self.kv.truncate(live)
@@ -325,7 +325,7 @@ class PrefixCache:
             known,
             match,
             tokens,
-            lambda: self._pin_reader(self.root(namespace)),
+            lambda: self.catalog.with_pins(known, self._pin_reader(self.root(namespace))),
             self.template.detokenize,
         )
         if match.length <= live:
@@ -484,7 +484,7 @@ class PrefixCache:
         namespace: str,
         *,
         label: str,
-        boundaries: Sequence[int] = (),
+        boundaries: Sequence[int] | Callable[[], Sequence[int]] = (),
         min_span: int = 1,
         before_write: Callable[[list[str], int], None] | None = None,
     ) -> tuple[str | None, list[str], int]:
@@ -492,16 +492,19 @@ class PrefixCache:
 
         Returns ``(last key, new keys, new bytes)``; the last key is None when nothing is stored.
         ``before_write`` is given the keys of the whole chain (stored ancestors and new segments)
-        and the new bytes, before anything is written.
+        and the new bytes, before anything is written. ``boundaries`` may be a function, called
+        only when there is something new to store (it may render the conversation).
         """
         if common_prefix_length(self.kv.live_tokens(), tokens[:end]) < end:
             raise RuntimeError("the span to store is not live in the context")
-        known = self.catalog.sync(namespace)
+        known = self.catalog.sync(namespace, tokens[:end])
         root = self.root(namespace)
         parent, at = known.index.deepest_boundary(tokens[:end])
         if at == end:
             return parent, [], 0
         matched = known.index.match(tokens[:end]).length
+        if callable(boundaries):
+            boundaries = boundaries()
         cuts = {b for b in boundaries if at < b < end}
         if matched < end and matched - at >= SPLIT_MIN_TOKENS:
             # The span runs inside an existing segment for a while: store that shared head on
@@ -627,7 +630,7 @@ class PrefixCache:
             if last is None:
                 raise PrefixCacheError("nothing to pin: the prefix is empty")
             if not new_keys:
-                quota_check(list(self.catalog.sync(ns).index.chain(last)), 0)
+                quota_check(list(self.catalog.sync(ns, tokens).index.chain(last)), 0)
             self.store.set_pin(
                 Pin(
                     name=name,
@@ -775,7 +778,9 @@ class PrefixCache:
             raise PrefixCacheError("the prompt is empty")
         return tokens
 
-    def _autosave(self, ns: str, prepared: Prepared, cut: int | None = None) -> None:
+    def _autosave(
+        self, ns: str, prepared: Prepared, cut: Callable[[], int | None] | None = None
+    ) -> None:
         """Store the prompt of the call just made, so the next turn restores all of it.
 
         The reply is not stored: tokens decoded one at a time have KV that differs in the last
@@ -785,9 +790,11 @@ class PrefixCache:
         failure here (a full disk, a store that is down, a lock timeout) is logged and counted
         in ``stats()["store_errors"]``, never raised.
 
-        ``cut``: where the prompt's last message begins. A segment ends there, so the next call
-        that shares everything before it but asks something else (another question on the same
-        system prompt) chains from that segment instead of storing a second copy of it.
+        ``cut``: a function giving where the prompt's last message begins (it renders the
+        conversation, so it is called only when something new is stored). A segment ends there,
+        so the next call that shares everything before it but asks something else (another
+        question on the same system prompt) chains from that segment instead of storing a second
+        copy of it.
         """
         end = common_prefix_length(self.kv.live_tokens(), prepared.tokens)
         if end <= 0:
@@ -798,7 +805,7 @@ class PrefixCache:
                 end,
                 ns,
                 label="autosave",
-                boundaries=() if cut is None else (cut,),
+                boundaries=() if cut is None else lambda: _boundary(cut()),
                 min_span=self.calibration.min_span_tokens(),
             )
         except Exception as exc:  # see the docstring
@@ -873,3 +880,7 @@ class PrefixCache:
 
 
 __all__ = ["PinInfo", "PrefixCache", "Prepared", "Stats", "as_tokens"]
+
+
+def _boundary(at: int | None) -> tuple[int, ...]:
+    return () if at is None else (at,)

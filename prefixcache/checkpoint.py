@@ -47,7 +47,7 @@ def prepare(cache: PrefixCache, tokens: list[int], namespace: str, *, generating
     restored = 0
     nbytes = 0
     try:
-        known = cache.catalog.sync(namespace)
+        known = cache.catalog.sync(namespace, tokens)
         match = known.index.match(tokens)
         chain = [known.segments[k] for k in match.chain]
     except _STORE_FAILURES as exc:

@@ -394,8 +394,9 @@ def explain(
     ns = cache.namespace if namespace is None else namespace
     with cache._lock:
         tokens = cache.template.tokens(call.messages, call.tools)
-        known = cache.catalog.sync(ns)
-        return explain_tokens(known, tokens, cache.pins(ns), cache.template.detokenize, ns)
+        known = cache.catalog.sync(ns, tokens)
+        pins = cache.catalog.with_pins(known, cache.pins(ns))
+        return explain_tokens(known, tokens, pins, cache.template.detokenize, ns)
 
 
 __all__ = [

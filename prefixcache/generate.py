@@ -11,6 +11,7 @@ to :mod:`prefixcache.ahead`, which prefills the next turn's prefix while the mod
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -216,7 +217,7 @@ def generate(
         usage["prompt_tokens_details"] = {"cached_tokens": prepared.reused_tokens}
         _after_call(cache, prepared, time.perf_counter() - t0, usage.get("completion_tokens", 0))
         if save:
-            cache._autosave(ns, prepared, cut(tokens) if cut is not None else None)
+            cache._autosave(ns, prepared, None if cut is None else functools.partial(cut, tokens))
         if parser is not None:
             result = parse_completion(result, parser)
         if follow is not None:
@@ -290,7 +291,7 @@ def _stream_chunks(
         chunks.close()
     _after_call(cache, prepared, time.perf_counter() - t0, n_chunks)
     if save:
-        cache._autosave(ns, prepared, cut(tokens) if cut is not None else None)
+        cache._autosave(ns, prepared, None if cut is None else functools.partial(cut, tokens))
     if follow is not None and not cancel.is_set():
         reply = (
             rewriter.reply.message()

@@ -81,6 +81,7 @@ class RadixIndex:
     def __init__(self) -> None:
         self._root = _Node(edge=array("i"), depth=0, parent=None)
         self._spans: dict[str, _Span] = {}
+        self._first: set[str] = set()  # segments that start at position 0
 
     def __len__(self) -> int:
         return len(self._spans)
@@ -103,7 +104,11 @@ class RadixIndex:
         return frozenset(self._spans[key].children)
 
     def roots(self) -> list[str]:
-        return [k for k, s in self._spans.items() if s.parent is None]
+        return list(self._first)
+
+    def first(self) -> frozenset[str]:
+        """Segments that start at position 0 (no parent)."""
+        return frozenset(self._first)
 
     def leaves(self) -> list[str]:
         """Segments that no other segment chains to (the only ones that may be removed)."""
@@ -179,6 +184,8 @@ class RadixIndex:
         self._spans[key] = _Span(parent=parent, start=start, end=node.depth, node=node)
         if parent is not None:
             self._spans[parent].children.add(key)
+        else:
+            self._first.add(key)
 
     def _split(self, node: _Node, n: int) -> _Node:
         """Cut ``node``'s edge after ``n`` tokens; return the new upper node."""
@@ -254,6 +261,7 @@ class RadixIndex:
             node = node.parent
         if span.parent is not None:
             self._spans[span.parent].children.discard(key)
+        self._first.discard(key)
         del self._spans[key]
         self._prune(span.node)
 

@@ -14,7 +14,7 @@ import json
 import sys
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +49,20 @@ def segment_key(parent_key: str, tokens: Iterable[int]) -> str:
     """Key of the segment holding ``tokens`` right after the segment (or root) ``parent_key``."""
     h = hashlib.sha256(bytes.fromhex(parent_key))
     h.update(tokens_bytes(tokens))
+    return h.hexdigest()
+
+
+#: A segment's head is its parent and its first this many tokens (fewer if it is shorter): a
+#: lookup that cannot hold a whole namespace's index finds the stored continuations of a prefix
+#: by their heads (see ``ChangeLog.children`` and docs/design.md).
+HEAD_TOKENS = 8
+
+
+def head_key(parent_key: str, tokens: Sequence[int]) -> str:
+    """The head of a segment continuing ``parent_key`` with ``tokens``: a hash of the parent
+    and ``tokens[:HEAD_TOKENS]``; pass exactly the tokens the head covers when probing."""
+    h = hashlib.blake2b(b"head:" + parent_key.encode(), digest_size=16)
+    h.update(tokens_bytes(tokens[:HEAD_TOKENS]))
     return h.hexdigest()
 
 

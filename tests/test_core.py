@@ -138,6 +138,22 @@ def test_conversations_that_differ_in_their_last_message_store_the_rest_once(
     assert unique <= stored < unique + SPLIT_MIN_TOKENS
 
 
+def test_a_repeated_chat_stores_nothing_and_renders_no_cut(open_cache, monkeypatch):
+    cache = open_cache()
+    renders = []
+    turn_start = cache.template.turn_start
+
+    def counting(*args, **kwargs):
+        renders.append(1)
+        return turn_start(*args, **kwargs)
+
+    monkeypatch.setattr(cache.template, "turn_start", counting)
+    cache.chat(ask("Do you sell brushes?"), max_tokens=2, temperature=0, prefill_replies=False)
+    assert len(renders) == 1  # the first call stored its prompt, cut where the question begins
+    cache.chat(ask("Do you sell brushes?"), max_tokens=2, temperature=0, prefill_replies=False)
+    assert len(renders) == 1  # all of it was stored already: no render of the conversation
+
+
 def test_match_ending_inside_a_segment_restores_and_trims(open_cache, cold_reply):
     long_question = "Please compare these woods for a garden bench: " + "oak, pine, cedar, " * 30
     open_cache().chat(ask(long_question + "Which lasts longest?"), max_tokens=4, temperature=0)

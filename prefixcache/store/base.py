@@ -8,7 +8,7 @@ segment. Nothing here ever unpickles anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -56,6 +56,9 @@ class IndexDelta:
     added: tuple[Segment, ...] = ()
     removed: tuple[str, ...] = ()
     full: bool = False
+    #: A full listing was due but the root holds more than the ``limit`` asked for: ``added``
+    #: is empty (the index follows the root sparsely, see :meth:`ChangeLog.children`).
+    over: bool = False
 
 
 @runtime_checkable
@@ -66,11 +69,17 @@ class ChangeLog(Protocol):
     segments; a store without it is resynced by listing every key (see catalog.py).
     """
 
-    def changes(self, root: str, since: int) -> IndexDelta:
+    def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
         """The changes to ``root``'s segments after ``since`` (-1: the full listing).
 
         A ``since`` the log no longer reaches back to (trimmed, or from another dataset)
-        gets the full listing.
+        gets the full listing; with ``limit``, a full listing of more than ``limit`` segments
+        is not read: the answer has ``over`` set and no rows (its cost stays bounded).
+        """
+
+    def children(self, root: str, heads: Iterable[str]) -> tuple[Segment, ...]:
+        """Every stored segment of ``root`` whose :func:`~prefixcache.segment.head_key` is
+        one of ``heads``, read in one query (one round trip).
         """
 
 

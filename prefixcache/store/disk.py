@@ -7,7 +7,8 @@ from ever pickling (values are bytes, keys and metadata are str), switch off its
 Beside diskcache's table, in the same database and written in the same transactions, a table of
 our own holds each segment's metadata by root with the log position of its last change (a
 deleted segment leaves a tombstone for a while): :meth:`DiskStore.changes` answers an index
-with what changed for its root alone (docs/design.md).
+with what changed for its root alone (docs/design.md). A second table holds each segment's head,
+so that :meth:`DiskStore.children` finds the stored continuations of a prompt in one query.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import diskcache
 import diskcache.core
 
 from ..errors import CorruptSegmentError, StoreError
-from ..segment import Pin, Segment, Usage
+from ..segment import Pin, Segment, Usage, head_key
 from .base import GcReport, IndexDelta
 from .docs import decode_doc, encode_doc
 
@@ -45,17 +46,33 @@ _BYTES = "bytes"
 #: Version of the index table; a store opened without it (older) is indexed once at open.
 _INDEX_FORMAT = "index-format"
 _INDEX_VERSION = 1
+#: Version of the heads table (segment.head_key of each segment, for sparse lookups). A table
+#: of its own, so that processes of earlier versions, which know only the index table, still
+#: write to the store; what they add has no head until the next gc() (or upgrade) gives it one.
+_HEADS_FORMAT = "index-heads"
+_HEADS_VERSION = 1
 #: Tombstones of deleted segments are kept for this many log positions: an index that last
 #: looked further back than that reloads its root.
 TOMBSTONE_HORIZON = 4096
 _TABLE = "prefixcache_index"
+_HEADS = "prefixcache_heads"
 _SCHEMA = (
     # segment NULL: deleted at ``seq`` (a tombstone). The row of key '' holds the log floor.
     f"CREATE TABLE IF NOT EXISTS {_TABLE} (key TEXT PRIMARY KEY, root TEXT NOT NULL, "
     "seq INTEGER NOT NULL, segment TEXT)",
     f"CREATE INDEX IF NOT EXISTS {_TABLE}_root ON {_TABLE} (root, seq)",
     f"CREATE INDEX IF NOT EXISTS {_TABLE}_seq ON {_TABLE} (seq)",
+    f"CREATE TABLE IF NOT EXISTS {_HEADS} (key TEXT PRIMARY KEY, head TEXT NOT NULL)",
+    f"CREATE INDEX IF NOT EXISTS {_HEADS}_head ON {_HEADS} (head)",
 )
+_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} (key, root, seq, segment) VALUES (?, ?, ?, ?)"
+_UPSERT_HEAD = f"INSERT OR REPLACE INTO {_HEADS} (key, head) VALUES (?, ?)"
+#: At most this many heads per query (SQLite's default limit on variables is 32,766).
+_HEADS_PER_QUERY = 500
+
+
+def _head(seg: Segment) -> str:
+    return head_key(seg.parent, seg.tokens)
 
 
 class SafeDisk(diskcache.Disk):
@@ -126,11 +143,17 @@ class DiskStore:
             if db.exists():
                 os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
         try:
-            if self._cache.get(_INDEX_FORMAT) != _INDEX_VERSION:
+            logged = self._cache.get(_INDEX_FORMAT) == _INDEX_VERSION
+            headed = self._cache.get(_HEADS_FORMAT) == _HEADS_VERSION
+            if not (logged and headed):
                 for statement in _SCHEMA:
                     self._sql_retry(statement)
+            if not logged:
                 self._reindex()
                 self._cache.set(_INDEX_FORMAT, _INDEX_VERSION)
+            if not headed:
+                self._add_heads()
+                self._cache.set(_HEADS_FORMAT, _HEADS_VERSION)
         except (sqlite3.Error, diskcache.core.Timeout) as exc:
             raise StoreError(f"cannot index store {self.path}: {exc}") from exc
 
@@ -142,6 +165,20 @@ class DiskStore:
 
     def _sql_retry(self, statement: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self._cache._sql_retry(statement, args)
+
+    def _add_heads(self) -> None:
+        """Give every live row that has none its head (at open after an upgrade, in gc)."""
+        with self._cache.transact():
+            rows = self._sql(
+                f"SELECT key, segment FROM {_TABLE} WHERE segment IS NOT NULL "
+                f"AND key NOT IN (SELECT key FROM {_HEADS})"
+            ).fetchall()
+            for key, text in rows:
+                try:
+                    seg = Segment.from_json(text)
+                except CorruptSegmentError:
+                    continue
+                self._sql(_UPSERT_HEAD, (key, _head(seg)))
 
     def _reindex(self) -> None:
         """Make the index table match the segment records (at open after an upgrade, in gc)."""
@@ -160,13 +197,11 @@ class DiskStore:
             gen = self._cache.incr(_GEN)
             for key in missing:
                 try:
-                    root = Segment.from_json(records[key]).root
+                    seg = Segment.from_json(records[key])
                 except CorruptSegmentError:
                     continue
-                self._sql(
-                    f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?)",
-                    (key, root, gen, records[key]),
-                )
+                self._sql(_UPSERT, (key, seg.root, gen, records[key]))
+                self._sql(_UPSERT_HEAD, (key, _head(seg)))
             for key in stale:
                 self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
 
@@ -190,10 +225,8 @@ class DiskStore:
             self._cache.set(_SEG + seg.key, text)
             self._cache.incr(_BYTES, seg.nbytes)
             gen = self._cache.incr(_GEN)
-            self._sql(
-                f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?)",
-                (seg.key, seg.root, gen, text),
-            )
+            self._sql(_UPSERT, (seg.key, seg.root, gen, text))
+            self._sql(_UPSERT_HEAD, (seg.key, _head(seg)))
         return True
 
     def get(self, key: str) -> Segment | None:
@@ -283,6 +316,7 @@ class DiskStore:
                 self._cache.incr(_BYTES, -freed)
                 gen = self._cache.incr(_GEN)
                 self._sql(f"UPDATE {_TABLE} SET seq = ?, segment = NULL WHERE key = ?", (gen, key))
+                self._sql(f"DELETE FROM {_HEADS} WHERE key = ?", (key,))
                 if gen % 256 == 0:
                     self._trim_tombstones(gen - TOMBSTONE_HORIZON)
             self._cache.delete(_KV + key)
@@ -296,10 +330,11 @@ class DiskStore:
         self._sql(
             f"DELETE FROM {_TABLE} WHERE segment IS NULL AND seq <= ? AND key != ''", (floor,)
         )
-        self._sql(f"INSERT OR REPLACE INTO {_TABLE} VALUES ('', '', ?, NULL)", (floor,))
+        self._sql(_UPSERT, ("", "", floor, None))
 
-    def changes(self, root: str, since: int) -> IndexDelta:
+    def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
         """What changed among ``root``'s segments after log position ``since`` (one snapshot)."""
+        over = False
         try:
             self._sql("BEGIN")  # deferred: a read snapshot, never waits for writers (WAL)
             try:
@@ -307,7 +342,16 @@ class DiskStore:
                 floor = self._sql(f"SELECT seq FROM {_TABLE} WHERE key = ''").fetchone()
                 top = int(top or 0)
                 full = since < 0 or since > top or (floor is not None and since < floor[0])
-                if full:
+                if full and limit is not None:
+                    (n,) = self._sql(
+                        f"SELECT COUNT(*) FROM (SELECT 1 FROM {_TABLE} WHERE root = ? "
+                        "AND segment IS NOT NULL LIMIT ?)",
+                        (root, limit + 1),
+                    ).fetchone()
+                    over = n > limit
+                if over:
+                    rows = []
+                elif full:
                     rows = self._sql(
                         f"SELECT key, segment FROM {_TABLE} WHERE root = ? AND segment IS NOT NULL",
                         (root,),
@@ -332,7 +376,33 @@ class DiskStore:
                 added.append(Segment.from_json(text))
             except CorruptSegmentError as exc:
                 log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
-        return IndexDelta(seq=top, added=tuple(added), removed=tuple(removed), full=full)
+        return IndexDelta(seq=top, added=tuple(added), removed=tuple(removed), full=full, over=over)
+
+    def children(self, root: str, heads: Iterable[str]) -> tuple[Segment, ...]:
+        """The live segments of ``root`` with one of these heads (one indexed query)."""
+        wanted = list(dict.fromkeys(heads))
+        texts: list[tuple[str, str]] = []
+        try:
+            for i in range(0, len(wanted), _HEADS_PER_QUERY):
+                batch = wanted[i : i + _HEADS_PER_QUERY]
+                marks = ",".join("?" * len(batch))
+                # CROSS JOIN keeps this order (heads first, by their index): the planner would
+                # otherwise walk every row of the root.
+                texts += self._sql(
+                    f"SELECT i.key, i.segment FROM {_HEADS} h CROSS JOIN {_TABLE} i "
+                    f"ON i.key = h.key WHERE h.head IN ({marks}) AND i.root = ? "
+                    "AND i.segment IS NOT NULL",
+                    (*batch, root),
+                ).fetchall()
+        except (sqlite3.Error, diskcache.core.Timeout) as exc:
+            raise StoreError(f"cannot read the index of store {self.path}: {exc}") from exc
+        out = []
+        for key, text in texts:
+            try:
+                out.append(Segment.from_json(text))
+            except CorruptSegmentError as exc:
+                log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
+        return tuple(out)
 
     def touch(self, key: str, now: float) -> None:
         try:
@@ -426,6 +496,7 @@ class DiskStore:
         self._cache.set(_BYTES, total)
         self._cache.incr(_GEN)
         self._reindex()
+        self._add_heads()  # rows that writers of earlier versions added
         return GcReport(orphans=orphans, broken=broken, bytes_freed=freed)
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ The indexes live under their own fixed tag ``{prefix}:{idx}:…`` (the set of se
 byte and generation counters, hits, last use, pins, documents, locks, and per root the change
 log that indexes follow: ``rows:<root>`` maps each segment key to its JSON, ``log:<root>`` is a
 sorted set of keys scored by the generation of their last change, ``dead:<root>`` the deleted
-ones among them until they are trimmed, ``floor:<root>`` how far back the log still reaches).
+ones among them until they are trimmed, ``floor:<root>`` how far back the log still reaches;
+and ``head:<head>``, the keys of the segments with that head, for sparse lookups).
 A put writes its parts with a TTL under a nonce of its own, then one script checks their
 lengths, makes them permanent and creates the meta record only if it does not exist yet: a
 reader that sees the meta sees complete parts, concurrent writers of one key never overwrite
@@ -34,7 +35,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -45,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import ConfigError, CorruptSegmentError, StoreError, StoreFullError
-from ..segment import Pin, Segment, Usage
+from ..segment import Pin, Segment, Usage, head_key
 from .base import GcReport, IndexDelta, StoreHealth
 from .disk import _holder_is_dead
 from .docs import decode_doc, encode_doc
@@ -89,6 +90,11 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 TOMBSTONE_HORIZON = 4096
 #: Version of the change log's layout, in ``{prefix}:{idx}:index-format``.
 _INDEX_VERSION = b"1"
+#: Version of the head sets (``head:<head>``: the keys of the segments with that head, for
+#: sparse lookups), in ``{prefix}:{idx}:heads-format``. A marker of its own, so that processes
+#: of earlier versions still write to the store; what they add has no head set until the next
+#: gc() gives it one.
+_HEADS_VERSION = b"1"
 #: Log positions below the dataset id (see RedisStore.generation).
 _SEQ_MASK = (1 << 48) - 1
 
@@ -124,8 +130,8 @@ redis.call('DEL', unpack(KEYS))
 return 1
 """
 
-# KEYS: segments set, bytes, generation, rows, log, dead, roots; ARGV: segment key, nbytes,
-# segment JSON, root.
+# KEYS: segments set, bytes, generation, rows, log, dead, roots, head; ARGV: segment key,
+# nbytes, segment JSON, root.
 _INDEX_ADD = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('INCRBY', KEYS[2], ARGV[2])
@@ -134,15 +140,17 @@ redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('SADD', KEYS[7], ARGV[4])
+redis.call('SADD', KEYS[8], ARGV[1])
 return 1
 """
 
 # Log a segment whose meta is published but that the root's rows lack (an upgraded store, or a
-# writer that died before indexing it): KEYS: segments set, generation, rows, log, dead, roots;
-# ARGV: segment key, segment JSON, root.
+# writer that died before indexing it): KEYS: segments set, generation, rows, log, dead, roots,
+# head; ARGV: segment key, segment JSON, root.
 _REINDEX = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+redis.call('SADD', KEYS[7], ARGV[1])
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
@@ -152,10 +160,11 @@ return 1
 """
 
 # Tombstone a key in a root's log at position ``seq``, and now and then trim tombstones older than
-# ``horizon`` log positions. k: rows, log, dead, floor; ARGV[1]: segment key.
+# ``horizon`` log positions. k: rows, log, dead, floor[, head]; ARGV[1]: segment key.
 _UNLOG = """
 local function unlog(k, seq, horizon)
   redis.call('HDEL', k[1], ARGV[1])
+  if k[5] then redis.call('SREM', k[5], ARGV[1]) end
   redis.call('ZADD', k[2], seq, ARGV[1])
   redis.call('ZADD', k[3], seq, ARGV[1])
   if seq % 256 == 0 then
@@ -170,8 +179,8 @@ local function unlog(k, seq, horizon)
 end
 """
 
-# KEYS: segments set, bytes, generation, hits, last use [, rows, log, dead, floor]; ARGV:
-# segment key, nbytes, horizon.
+# KEYS: segments set, bytes, generation, hits, last use [, rows, log, dead, floor, head];
+# ARGV: segment key, nbytes, horizon.
 _INDEX_REMOVE = (
     _UNLOG
     + """
@@ -180,38 +189,68 @@ redis.call('HDEL', KEYS[5], ARGV[1])
 if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('DECRBY', KEYS[2], ARGV[2])
 local seq = redis.call('INCR', KEYS[3])
-if #KEYS > 5 then unlog({KEYS[6], KEYS[7], KEYS[8], KEYS[9]}, seq, tonumber(ARGV[3])) end
+if #KEYS > 5 then unlog({KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]}, seq, tonumber(ARGV[3])) end
 return 1
 """
 )
 
-# KEYS: generation, rows, log, dead, floor; ARGV: segment key, horizon.
+# KEYS: generation, rows, log, dead, floor[, head]; ARGV: segment key, horizon.
 _UNINDEX = (
     _UNLOG
     + """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
-unlog({KEYS[2], KEYS[3], KEYS[4], KEYS[5]}, redis.call('INCR', KEYS[1]), tonumber(ARGV[2]))
+unlog({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, redis.call('INCR', KEYS[1]), tonumber(ARGV[2]))
 return 1
 """
 )
 
 # Read-only. What changed in a root after log position ARGV[1], or (-1, or a position the log
-# no longer reaches) its full listing. KEYS: log, rows, floor, dataset.
-# Returns {full, top, dataset, {key, JSON or '' (deleted), ...}}.
+# no longer reaches) its full listing, unless the root holds more than ARGV[2] (>= 0) segments.
+# KEYS: log, rows, floor, dataset.
+# Returns {full, top, dataset, {key, JSON or '' (deleted), ...}, over}.
 _CHANGES = """
 local since = tonumber(ARGV[1])
 local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
 local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or '0'
 local dataset = redis.call('GET', KEYS[4]) or ''
 if since < 0 or since < floor or since > tonumber(top) then
-  return {1, top, dataset, redis.call('HGETALL', KEYS[2])}
+  local limit = tonumber(ARGV[2])
+  if limit >= 0 and redis.call('HLEN', KEYS[2]) > limit then return {1, top, dataset, {}, 1} end
+  return {1, top, dataset, redis.call('HGETALL', KEYS[2]), 0}
 end
 local out = {}
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
   out[#out + 1] = key
   out[#out + 1] = redis.call('HGET', KEYS[2], key) or ''
 end
-return {0, top, dataset, out}
+return {0, top, dataset, out, 0}
+"""
+
+# Read-only. The rows of a root's segments in the given head sets. KEYS: rows, head sets.
+# Returns {key, JSON, ...}.
+_CHILDREN = """
+local out = {}
+for i = 2, #KEYS do
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    local row = redis.call('HGET', KEYS[1], key)
+    if row then
+      out[#out + 1] = key
+      out[#out + 1] = row
+    end
+  end
+end
+return out
+"""
+
+# KEYS: head sets; ARGV: a segment key for each.
+_ADD_HEADS = """
+for i = 1, #KEYS do redis.call('SADD', KEYS[i], ARGV[i]) end
+return 1
+"""
+
+# KEYS: key; ARGV: value.
+_SET = """
+return redis.call('SET', KEYS[1], ARGV[1])
 """
 
 # KEYS: pins, generation; ARGV: pin field.
@@ -355,6 +394,7 @@ class RedisStore:
         self._locks = idx + "lock:"
         self._roots = idx + "roots"
         self._format = idx + "index-format"
+        self._heads_format = idx + "heads-format"
         self._indexed = False  # whether this store's change log is known to be complete
         # KEYS of the index scripts.
         self._index_keys = [self._segs, self._bytes, self._gen, self._hits, self._last]
@@ -621,10 +661,10 @@ class RedisStore:
         done = self._run(_UNPUBLISH, [meta, *parts], [nonce], allow_oom=True)
         if done != 1:
             return 0  # deleted (or replaced) by someone else meanwhile
-        root = None
+        old = None
         with suppress(CorruptSegmentError, TypeError):
-            root = Segment.from_json(text).root
-        logs = [] if root is None else self._log_keys(root)[1:]
+            old = Segment.from_json(text)
+        logs = [] if old is None else [*self._log_keys(old.root)[1:], self._head_set(old)]
         self._run(
             _INDEX_REMOVE,
             [*self._index_keys, *logs],
@@ -845,10 +885,18 @@ class RedisStore:
         idx = f"{self.prefix}:{{idx}}:"
         return [self._gen, *(f"{idx}{what}:{root}" for what in ("rows", "log", "dead", "floor"))]
 
+    def _head_set(self, seg: Segment) -> str:
+        """The set of the segments that share ``seg``'s head (segment.head_key)."""
+        return self._heads_key(head_key(seg.parent, seg.tokens))
+
+    def _heads_key(self, head: str) -> str:
+        return f"{self.prefix}:{{idx}}:head:{head}"
+
     def _index_add(self, seg: Segment) -> None:
         self._ensure_indexed()  # the first write to a new store marks its log complete
         _, rows, log_, dead, _ = self._log_keys(seg.root)
         keys = [self._segs, self._bytes, self._gen, rows, log_, dead, self._roots]
+        keys.append(self._head_set(seg))
         self._run(_INDEX_ADD, keys, [seg.key, seg.nbytes, seg.to_json(), seg.root], allow_oom=True)
 
     def _reindex(self, segments: dict[str, Segment]) -> None:
@@ -857,11 +905,15 @@ class RedisStore:
         roots.update(s.root for s in segments.values())
         for root in roots:
             gen, rows, log_, dead, floor = self._log_keys(root)
-            have = {k.decode() for k in self._call(lambda rows=rows: self.client.hkeys(rows))}
-            for key in have - segments.keys():
+            listed = self._call(lambda rows=rows: self.client.hgetall(rows))
+            have = {k.decode(): v for k, v in listed.items()}
+            for key in have.keys() - segments.keys():
+                heads = []
+                with suppress(CorruptSegmentError):
+                    heads = [self._head_set(Segment.from_json(have[key]))]
                 self._run(
                     _UNINDEX,
-                    [gen, rows, log_, dead, floor],
+                    [gen, rows, log_, dead, floor, *heads],
                     [key, TOMBSTONE_HORIZON],
                     allow_oom=True,
                 )
@@ -869,23 +921,36 @@ class RedisStore:
                 if seg.root == root and key not in have:
                     self._run(
                         _REINDEX,
-                        [self._segs, gen, rows, log_, dead, self._roots],
+                        [self._segs, gen, rows, log_, dead, self._roots, self._head_set(seg)],
                         [key, seg.to_json(), root],
                         allow_oom=True,
                     )
+        # Head sets of segments logged by writers of earlier versions (they keep none).
+        listed = list(segments.values())
+        for i in range(0, len(listed), 512):
+            batch = listed[i : i + 512]
+            heads = [self._head_set(seg) for seg in batch]
+            self._run(_ADD_HEADS, heads, [seg.key for seg in batch], allow_oom=True)
 
     def _ensure_indexed(self) -> None:
-        """Log the segments of a store written before the change log existed (once)."""
+        """Log the segments of a store written before the change log (or its head sets)
+        existed (once)."""
         if self._indexed:
             return
-        if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
+
+        def current() -> bool:
+            marks = self._call(lambda: self.client.mget(self._format, self._heads_format))
+            return list(marks) == [_INDEX_VERSION, _HEADS_VERSION]
+
+        if not current():
             with self.lock("index-upgrade", timeout=600):
-                if self._call(lambda: self.client.get(self._format)) != _INDEX_VERSION:
+                if not current():
                     self._reindex({s.key: s for s in self.segments()})
                     self._run(_SET_NX, [self._format], [_INDEX_VERSION], allow_oom=True)
+                    self._run(_SET, [self._heads_format], [_HEADS_VERSION], allow_oom=True)
         self._indexed = True
 
-    def changes(self, root: str, since: int) -> IndexDelta:
+    def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
         """What changed among ``root``'s segments after ``since``: one read-only script.
 
         Positions carry the dataset id (as :meth:`generation` does), so a server that
@@ -895,12 +960,13 @@ class RedisStore:
         _, rows, log_, _, floor = self._log_keys(root)
         keys = [log_, rows, floor, self._dataset]
         raw = since & _SEQ_MASK if since >= 0 else -1
-        full, top, dataset, flat = self._run(_CHANGES, keys, [raw])
+        most = -1 if limit is None else limit
+        full, top, dataset, flat, over = self._run(_CHANGES, keys, [raw, most])
         if not dataset:  # a server that started (over) empty: name this dataset now
             dataset = self._run(_SET_NX, [self._dataset], [uuid.uuid4().hex], allow_oom=True)
         tag = zlib.crc32(dataset or b"") << 48
         if since >= 0 and since & ~_SEQ_MASK != tag and not full:
-            full, top, _, flat = self._run(_CHANGES, keys, [-1])
+            full, top, _, flat, over = self._run(_CHANGES, keys, [-1, most])
         added = []
         removed = []
         for key, text in zip(flat[::2], flat[1::2], strict=True):
@@ -914,8 +980,28 @@ class RedisStore:
         if full:
             added.sort(key=lambda s: s.start)
         return IndexDelta(
-            seq=tag + int(top), added=tuple(added), removed=tuple(removed), full=bool(full)
+            seq=tag + int(top),
+            added=tuple(added),
+            removed=tuple(removed),
+            full=bool(full),
+            over=bool(over),
         )
+
+    def children(self, root: str, heads: Iterable[str]) -> tuple[Segment, ...]:
+        """The segments of ``root`` with one of these heads: one read-only script."""
+        self._ensure_indexed()
+        sets = [self._heads_key(h) for h in dict.fromkeys(heads)]
+        if not sets:
+            return ()
+        rows = self._log_keys(root)[1]
+        flat = self._run(_CHILDREN, [rows, *sets], [])
+        out = []
+        for key, text in zip(flat[::2], flat[1::2], strict=True):
+            try:
+                out.append(Segment.from_json(text))
+            except CorruptSegmentError as exc:
+                log.warning("skipping unreadable segment record %s: %s", key[:16], exc.reason)
+        return tuple(out)
 
     def _strlens(self, names: list[str]) -> list[int]:
         def run() -> list[int]:

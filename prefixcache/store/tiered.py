@@ -24,13 +24,13 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, TypeVar
 
 from ..errors import CorruptSegmentError, StoreError, StoreFullError
 from ..lifecycle import pinned_keys
-from ..segment import Pin, Segment, Usage, checksum_matches
+from ..segment import Pin, Segment, Usage, checksum_matches, head_key
 from .base import GcReport, IndexDelta, StoreHealth
 from .disk import DiskStore
 from .redis import RedisStore, StoreUnavailableError, redact
@@ -296,7 +296,7 @@ class TieredStore:
         with self._state:
             return shared | self._local_only.keys()
 
-    def changes(self, root: str, since: int) -> IndexDelta:
+    def changes(self, root: str, since: int, *, limit: int | None = None) -> IndexDelta:
         """The remote's change log, or the local tier's during an outage.
 
         Positions carry the tier they come from and its epoch (as :meth:`generation` does), so
@@ -307,9 +307,9 @@ class TieredStore:
             with self._state:
                 tag = (self._epoch << 20) + self._changes
             inner = since % _EPOCH_STRIDE if since >= 0 and since // _EPOCH_STRIDE == tag else -1
-            delta = self._try(self.remote.changes, root, inner)
+            delta = self._try(lambda i=inner: self.remote.changes(root, i, limit=limit))
             if delta is _MISSING:
-                delta = self.local.changes(root, inner)
+                delta = self.local.changes(root, inner, limit=limit)
             with self._state:
                 switched = (self._epoch << 20) + self._changes != tag
                 local_only = list(self._local_only)
@@ -322,7 +322,7 @@ class TieredStore:
                 break
             since = -1
         added = delta.added
-        if delta.full and local_only:
+        if delta.full and not delta.over and local_only:
             have = {s.key for s in added}
             extra = [s for k in local_only if k not in have and (s := self.local.get(k))]
             added = added + tuple(s for s in extra if s.root == root)
@@ -331,7 +331,25 @@ class TieredStore:
             added=added,
             removed=delta.removed,
             full=delta.full,
+            over=delta.over,
         )
+
+    def children(self, root: str, heads: Iterable[str]) -> tuple[Segment, ...]:
+        """The segments with these heads in the tier :meth:`changes` follows now, and those
+        only the local tier holds."""
+        wanted = set(heads)
+        found = self._try(self.remote.children, root, wanted)
+        if found is _MISSING:
+            found = self.local.children(root, wanted)
+        with self._state:
+            local_only = list(self._local_only)
+        if local_only:
+            have = {s.key for s in found}
+            extra = [s for k in local_only if k not in have and (s := self.local.get(k))]
+            found = found + tuple(
+                s for s in extra if s.root == root and head_key(s.parent, s.tokens) in wanted
+            )
+        return found
 
     def segments(self) -> Iterator[Segment]:
         shared = self._try(lambda: list(self.remote.segments()))

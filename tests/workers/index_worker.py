@@ -1,11 +1,16 @@
 """One of several processes writing to one store at random while checking every lookup.
 
-Usage: index_worker.py STORE_URL SEED ITERATIONS. Each iteration puts a segment (chained onto a
-random stored one, over a three-token alphabet so that prompts share and leave prefixes
-everywhere), deletes one (any, also one with children), or pins or unpins, then looks prompts up
-through a Catalog and compares each answer with a brute-force match over the store's contents,
-read in the same quiet window (the store's generation unchanged around both). Prints a JSON line
-``{"checked": n, "skipped": n}``; exits non-zero at the first difference.
+Usage: index_worker.py STORE_URL SEED ITERATIONS [sparse]. Each iteration puts a segment
+(chained onto a random stored one, over a three-token alphabet so that prompts share and leave
+prefixes everywhere), deletes one (any, also one with children), or pins or unpins, then looks
+prompts up through a Catalog and compares each answer with a brute-force match over the store's
+contents, read in the same quiet window (the store's generation unchanged around both). Prints a
+JSON line ``{"checked": n, "skipped": n}``; exits non-zero at the first difference.
+
+With ``sparse``, namespaces of more than 3 segments are indexed sparsely (heads of 2 tokens, a
+tiny memory cap so that indexes are also dropped and started again): an answer must then lie
+between what the sparse rule guarantees (:func:`sparse_floor`) and the brute-force match, and
+name a chain that is stored and matches the prompt that far.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+import prefixcache.catalog
+import prefixcache.segment
 from prefixcache.catalog import Catalog
 from prefixcache.radix import Match, common_prefix_length
 from prefixcache.segment import Pin, Segment, checksum, segment_key
@@ -64,12 +71,56 @@ def brute_match(store: Any, root: str, prompt: list[int]) -> Match:
     return Match(length, tuple(reversed(chain)), segs[best].end)
 
 
+def sparse_floor(store: Any, root: str, prompt: list[int], head: int) -> int:
+    """The longest match a sparse index must find: over the segments whose ancestors the prompt
+    matches whole and that it matches for at least their first ``head`` tokens (or all)."""
+    segs = {s.key: s for s in store.segments() if s.root == root}
+    full = paths(segs, root)
+    best = 0
+    for key, path in full.items():
+        seg = segs[key]
+        if common_prefix_length(path[: seg.start], prompt) < seg.start:
+            continue  # an ancestor is not matched whole
+        m = common_prefix_length(seg.tokens, prompt[seg.start :])
+        if m >= min(head, len(seg.tokens)):
+            best = max(best, seg.start + m)
+    return best
+
+
+def check_sparse(store: Any, root: str, prompt: list[int], got: Match, head: int) -> str | None:
+    """Why a sparse answer is wrong, or None."""
+    want = brute_match(store, root, prompt)
+    floor = sparse_floor(store, root, prompt, head)
+    if not floor <= got.length <= want.length:
+        return f"length {got.length} outside [{floor}, {want.length}]"
+    if not got.chain:
+        return None if got.length == 0 else "a match without a chain"
+    segs = {s.key: s for s in store.segments() if s.root == root}
+    parent = root
+    path: tuple[int, ...] = ()
+    for key in got.chain:
+        if key not in segs or segs[key].parent != parent:
+            return f"chain {got.chain} is not stored"
+        path += segs[key].tokens
+        parent = key
+    last = segs[got.chain[-1]]
+    if common_prefix_length(path, prompt) < got.length or not last.start < got.length:
+        return f"chain {got.chain} does not match {got.length} tokens"
+    return None if got.chain_end == last.end else "wrong chain end"
+
+
 def main() -> None:
     url, seed, iterations = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    sparse = sys.argv[4:] == ["sparse"]
+    head = prefixcache.segment.HEAD_TOKENS
+    if sparse:
+        head = prefixcache.segment.HEAD_TOKENS = prefixcache.catalog.HEAD_TOKENS = 2
+        prefixcache.catalog.FULL_LISTING_MAX = 3
+        prefixcache.catalog.SPARSE_MAX_TOKENS = 24
     rng = random.Random(seed)
     store = open_store(url)
     catalog = Catalog(store, Fingerprint())  # type: ignore[arg-type]
-    checked = skipped = 0
+    checked = skipped = sparse_lookups = 0
     for _ in range(iterations):
         ns = rng.choice(NAMESPACES)
         root = catalog.root(ns)
@@ -105,15 +156,22 @@ def main() -> None:
             prompt = rng.choices((1, 2, 3), k=rng.randint(1, 14))
             before = store.generation()
             want = brute_match(store, root, prompt)
-            got = catalog.sync(ns).index.match(prompt)
+            known = catalog.sync(ns, prompt)
+            got = known.index.match(prompt)
+            sparse_lookups += known.sparse
+            wrong = None
+            if sparse:
+                wrong = check_sparse(store, root, prompt, got, head)
+            elif got != want:
+                wrong = f"index {got}, store {want}"
             if store.generation() != before:
                 skipped += 1  # the other process wrote meanwhile: no fixed answer to compare
                 continue
-            if got != want:
-                raise SystemExit(f"namespace {ns!r}, prompt {prompt}: index {got}, store {want}")
+            if wrong is not None:
+                raise SystemExit(f"namespace {ns!r}, prompt {prompt}: {wrong}")
             checked += 1
     store.close()
-    print(json.dumps({"checked": checked, "skipped": skipped}))
+    print(json.dumps({"checked": checked, "skipped": skipped, "sparse": sparse_lookups}))
 
 
 if __name__ == "__main__":
