@@ -154,6 +154,36 @@ def test_a_repeated_chat_stores_nothing_and_renders_no_cut(open_cache, monkeypat
     assert len(renders) == 1  # all of it was stored already: no render of the conversation
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_tokenizes_its_prompt_once(open_cache, cold_reply, monkeypatch, stream):
+    cache = open_cache()
+    texts = []
+    tokenize = cache.llm.tokenize
+
+    def counting(text, *args, **kwargs):
+        texts.append(text)
+        return tokenize(text, *args, **kwargs)
+
+    monkeypatch.setattr(cache.llm, "tokenize", counting)
+    question = ask("Do you deliver paint on Saturdays?")
+    reply = cache.chat(question, max_tokens=4, temperature=0, stream=stream)
+    if stream:
+        reply = {
+            "choices": [
+                {
+                    "message": {
+                        "content": "".join(
+                            c["choices"][0]["delta"].get("content") or "" for c in reply
+                        )
+                    }
+                }
+            ]
+        }
+    assert text(reply) == cold_reply(question, max_tokens=4)
+    prompt = cache.template.render(question).encode("utf-8")
+    assert texts.count(prompt) == 1  # for the restore; the chat handler got those tokens
+
+
 def test_match_ending_inside_a_segment_restores_and_trims(open_cache, cold_reply):
     long_question = "Please compare these woods for a garden bench: " + "oak, pine, cedar, " * 30
     open_cache().chat(ask(long_question + "Which lasts longest?"), max_tokens=4, temperature=0)
