@@ -58,6 +58,12 @@ class Known:
     #: the prompts whose continuations after it were read from the store.
     probed: dict[str | None, set[tuple[int, ...]]] = field(default_factory=dict)
     held: int = 0  # tokens of the indexed segments
+    #: Sparse only: the most tokens one walk has indexed (a prompt with many stored near
+    #: misses along its path needs them all at once: the cap never drops below twice that).
+    walk_peak: int = 0
+    #: Sparse only: the prompt of the last walk, while nothing was indexed since (a prompt
+    #: looked up again then needs no walk).
+    walked: tuple[int, ...] | None = None
 
     def hold(self, seg: Segment, parent: str | None) -> None:
         """Index a segment whose parent (None: the root) is indexed."""
@@ -66,10 +72,18 @@ class Known:
         self.index.insert(seg.key, parent, seg.tokens)
         self.segments[seg.key] = seg
         self.held += len(seg.tokens)
+        self.walked = None
+
+    def cap(self) -> int:
+        """Tokens a sparse index may hold before it is dropped and started again: the cap, or
+        twice the largest walk (else a prompt whose walk alone is over the cap would drop and
+        read its path again at every lookup)."""
+        return max(SPARSE_MAX_TOKENS, 2 * self.walk_peak)
 
     def drop(self, key: str) -> None:
         """Unindex a segment that has no indexed children."""
         self.index.remove(key)
+        self.walked = None
         seg = self.segments.pop(key, None)
         if seg is not None:
             self.held -= len(seg.tokens)
@@ -138,7 +152,7 @@ class Catalog:
         """Apply the store's changes to the namespace's root since this index last looked."""
         known = self._known.pop(namespace, None)
         root = self.root(namespace)
-        if known is not None and known.sparse and known.held > SPARSE_MAX_TOKENS:
+        if known is not None and known.sparse and known.held > known.cap():
             known = Known(seq=known.seq, sparse=True)  # the log from there on still applies
         elif known is not None and not known.sparse and len(known.segments) > 2 * FULL_LISTING_MAX:
             known = None  # grown large: list it again, or follow it sparsely
@@ -195,7 +209,10 @@ class Catalog:
                 known.hold(seg, parent)
         known.seq = delta.seq
         if tokens is not None:
-            self._walk(log_, known, root, tuple(tokens))
+            toks = tuple(tokens)
+            if toks != known.walked:
+                self._walk(log_, known, root, toks)
+                known.walked = toks
 
     def _wanted(self, known: Known, root: str, seg: Segment, parent: str | None) -> bool:
         """Whether a segment read from the store can be indexed now."""
@@ -210,35 +227,38 @@ class Catalog:
         """Index the stored continuations of ``toks``: from the root, at each segment end that
         the prompt matches whole, read (once) the segments whose head matches what follows.
 
-        One query per level of the walk, for every node of that level at once. A segment the
-        prompt leaves within its first HEAD_TOKENS tokens is not found this way (at most
-        HEAD_TOKENS - 1 tokens of reuse lost, docs/design.md).
+        Each round asks, in one query, for the continuations at every point of the current
+        longest match not probed yet (the root and the ends of its whole segments); what it
+        finds extends the match, and the next round probes the new ends. A prompt whose points
+        are all probed costs one radix match. A segment the prompt leaves within its first
+        HEAD_TOKENS tokens is not found this way (at most HEAD_TOKENS - 1 tokens of reuse
+        lost, docs/design.md).
         """
-        frontier: list[tuple[str | None, int]] = [(None, 0)]
-        while frontier:
+        before = known.held
+        while True:
+            match = known.index.match(toks)
+            points: list[tuple[str | None, int]] = [(None, 0)]
+            for key in match.chain:
+                end = known.segments[key].end
+                if end > match.length or end >= len(toks):
+                    break
+                points.append((key, end))
             need = []
-            for p, e in frontier:
+            for p, e in points:
                 t = toks[e : e + HEAD_TOKENS]
                 if t and t not in known.probed.get(p, ()):
                     need.append((p, t))
-            if need:
-                heads = [head_key(p or root, t[:k]) for p, t in need for k in range(1, len(t) + 1)]
-                found = log_.children(root, heads)
-                for p, t in need:
-                    known.probed.setdefault(p, set()).add(t)
-                for seg in sorted(found, key=lambda s: s.start):
-                    parent = None if seg.parent == root else seg.parent
-                    if self._wanted(known, root, seg, parent):
-                        known.hold(seg, parent)
-            onward: list[tuple[str | None, int]] = []
-            for p, e in frontier:
-                kids = known.index.first() if p is None else known.index.children(p)
-                for key in kids:
-                    seg = known.segments[key]
-                    end = e + len(seg.tokens)
-                    if end < len(toks) and toks[e:end] == seg.tokens:
-                        onward.append((key, end))
-            frontier = onward
+            if not need:
+                break
+            heads = [head_key(p or root, t[:k]) for p, t in need for k in range(1, len(t) + 1)]
+            found = log_.children(root, heads)
+            for p, t in need:
+                known.probed.setdefault(p, set()).add(t)
+            for seg in sorted(found, key=lambda s: s.start):
+                parent = None if seg.parent == root else seg.parent
+                if self._wanted(known, root, seg, parent):
+                    known.hold(seg, parent)
+        known.walk_peak = max(known.walk_peak, known.held - before)
 
     @staticmethod
     def _removed(known: Known, key: str) -> None:

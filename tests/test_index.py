@@ -319,6 +319,30 @@ def test_a_sparse_index_stays_under_its_memory_cap(tmp_path: Path, monkeypatch: 
     store.close()
 
 
+def test_a_prompt_whose_walk_is_over_the_cap_is_not_read_again_at_every_lookup(
+    tmp_path: Path, monkeypatch: Any
+):
+    monkeypatch.setattr(prefixcache.catalog, "FULL_LISTING_MAX", 10)
+    monkeypatch.setattr(prefixcache.catalog, "SPARSE_MAX_TOKENS", 1000)
+    store = DiskStore(tmp_path / "store")
+    rng = random.Random(5)
+    prompt = [rng.randrange(1, 50000) for _ in range(64)]
+    (head,) = _chain(store, "a", [prompt[:32]])
+    _chain(store, "a", [prompt[32:]], head)
+    for _ in range(60):  # near misses: they follow the prompt for 16 tokens, then diverge
+        _chain(store, "a", [[*prompt[32:48], *(rng.randrange(1, 50000) for _ in range(24))]], head)
+    counting = Counting(store)
+    catalog = Catalog(counting, Fingerprint())  # type: ignore[arg-type]
+    known = catalog.sync("a", prompt)
+    assert known.index.match(prompt).length == 64 and known.held > 2000  # one walk, over the cap
+    rows, queries = counting.rows, counting.queries
+    for _ in range(3):
+        assert catalog.sync("a", prompt).index.match(prompt).length == 64
+    assert counting.rows == rows  # nothing read again
+    assert counting.queries == queries + 3  # only the change log, once a lookup
+    store.close()
+
+
 def test_a_disk_store_without_heads_gets_them_once_and_old_writers_still_fit(tmp_path: Path):
     path = tmp_path / "store"
     store = DiskStore(path)
