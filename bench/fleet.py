@@ -544,9 +544,9 @@ def section(res: dict[str, Any], command: str) -> str:
         "",
         "Calls per worker: "
         + "; ".join(f"{r['kind']} {r['per_worker_calls']}" for r in runs)
-        + ". The machine has 2 cores shared with other jobs; every worker is CPU-bound, so "
-        "throughput and TTFT measure mostly the contention, and the comparison between the two "
-        "columns (same load, same traffic seed) matters more than absolute values.",
+        + ". Every worker is CPU-bound, so on a small machine throughput and TTFT measure "
+        "mostly the contention (the last two rows say what else ran), and the comparison "
+        "between the two columns (same traffic seed) matters more than absolute values.",
         "",
         MARK_END,
     ]
