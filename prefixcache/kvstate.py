@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -463,23 +464,37 @@ class LlamaKV:
         llm._requires_eval = True
 
 
-@contextlib.contextmanager
-def _llama_log_lines() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines while the block runs (they still reach its usual logger)."""
+#: Log lines collected by :func:`_llama_log_lines`, per thread (llama.cpp logs a context's
+#: creation on the thread that creates it).
+_captures: dict[int, list[str]] = {}
+
+
+@llama_cpp.llama_log_callback
+def _forward_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """The log callback prefixcache installs once and never frees: it hands each line to
+    llama-cpp-python's own logger, and to the capture of the thread logging, if any. (A
+    callback made per capture and unset after it could be freed while another thread's
+    llama.cpp call was still about to invoke it: a segfault, seen with concurrent loads.)"""
     from llama_cpp import _logger
 
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    lines = _captures.get(threading.get_ident())
+    if lines is not None:
         lines.append(text.decode("utf-8", "replace"))
-        _logger.llama_log_callback(level, text, user_data)
+    _logger.llama_log_callback(level, text, user_data)
 
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+
+@contextlib.contextmanager
+def _llama_log_lines() -> Iterator[list[str]]:
+    """Collect the llama.cpp log lines of this thread while the block runs (they still reach
+    llama-cpp-python's logger)."""
+    lines: list[str] = []
+    me = threading.get_ident()
+    _captures[me] = lines
+    llama_cpp.llama_log_set(_forward_log, ctypes.c_void_p(0))  # the same, never-freed callback
     try:
         yield lines
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        del _captures[me]
 
 
 def _resolved_flash_attn(log_lines: Sequence[str]) -> int:
