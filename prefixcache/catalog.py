@@ -227,37 +227,36 @@ class Catalog:
         """Index the stored continuations of ``toks``: from the root, at each segment end that
         the prompt matches whole, read (once) the segments whose head matches what follows.
 
-        Each round asks, in one query, for the continuations at every point of the current
-        longest match not probed yet (the root and the ends of its whole segments); what it
-        finds extends the match, and the next round probes the new ends. A prompt whose points
-        are all probed costs one radix match. A segment the prompt leaves within its first
-        HEAD_TOKENS tokens is not found this way (at most HEAD_TOKENS - 1 tokens of reuse
-        lost, docs/design.md).
+        One query per level of the walk, for every node of that level at once. A segment the
+        prompt leaves within its first HEAD_TOKENS tokens is not found this way (at most
+        HEAD_TOKENS - 1 tokens of reuse lost, docs/design.md).
         """
         before = known.held
-        while True:
-            match = known.index.match(toks)
-            points: list[tuple[str | None, int]] = [(None, 0)]
-            for key in match.chain:
-                end = known.segments[key].end
-                if end > match.length or end >= len(toks):
-                    break
-                points.append((key, end))
+        frontier: list[tuple[str | None, int]] = [(None, 0)]
+        while frontier:
             need = []
-            for p, e in points:
+            for p, e in frontier:
                 t = toks[e : e + HEAD_TOKENS]
                 if t and t not in known.probed.get(p, ()):
                     need.append((p, t))
-            if not need:
-                break
-            heads = [head_key(p or root, t[:k]) for p, t in need for k in range(1, len(t) + 1)]
-            found = log_.children(root, heads)
-            for p, t in need:
-                known.probed.setdefault(p, set()).add(t)
-            for seg in sorted(found, key=lambda s: s.start):
-                parent = None if seg.parent == root else seg.parent
-                if self._wanted(known, root, seg, parent):
-                    known.hold(seg, parent)
+            if need:
+                heads = [head_key(p or root, t[:k]) for p, t in need for k in range(1, len(t) + 1)]
+                found = log_.children(root, heads)
+                for p, t in need:
+                    known.probed.setdefault(p, set()).add(t)
+                for seg in sorted(found, key=lambda s: s.start):
+                    parent = None if seg.parent == root else seg.parent
+                    if self._wanted(known, root, seg, parent):
+                        known.hold(seg, parent)
+            onward: list[tuple[str | None, int]] = []
+            for p, e in frontier:
+                kids = known.index.first() if p is None else known.index.children(p)
+                for key in kids:
+                    seg = known.segments[key]
+                    end = e + len(seg.tokens)
+                    if end < len(toks) and toks[e:end] == seg.tokens:
+                        onward.append((key, end))
+            frontier = onward
         known.walk_peak = max(known.walk_peak, known.held - before)
 
     @staticmethod
