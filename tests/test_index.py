@@ -112,20 +112,8 @@ class CountingStore(DiskStore):
 
 
 def _put(store: Store, ns: str, tokens: list[int]) -> Segment:
-    root = root_key(DIGEST, ns)
-    seg = Segment(
-        key=segment_key(root, tokens),
-        parent=root,
-        root=root,
-        start=0,
-        tokens=tuple(tokens),
-        nbytes=2,
-        checksum=checksum(b"kv"),
-        fingerprint=DIGEST,
-        namespace=ns,
-        created=time.time(),
-    )
-    store.put(seg, b"kv")
+    """Store ``tokens`` as one segment at the root of ``ns``."""
+    (seg,) = _chain(store, ns, [tokens])
     return seg
 
 
