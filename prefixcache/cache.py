@@ -35,7 +35,7 @@ from .explain import REASONS, Divergence, Explanation, PinReader, check_restore,
 from .explain import explain as _explain
 from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
-from .lifecycle import Eviction, check_pin_quota, enforce_quota
+from .lifecycle import EVICTION_LOCK_TIMEOUT_S, Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
 from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
@@ -624,25 +624,34 @@ class PrefixCache:
             def quota_check(keys: list[str], nbytes: int) -> None:
                 check_pin_quota(self.store, self.quota_bytes, keys, nbytes, now)
 
-            last, new_keys, new_bytes = self._store_span(
-                tokens, len(tokens), ns, label=name, boundaries=boundaries, before_write=quota_check
-            )
-            if last is None:
-                raise PrefixCacheError("nothing to pin: the prefix is empty")
-            if not new_keys:
-                quota_check(list(self.catalog.sync(ns, tokens).index.chain(last)), 0)
-            self.store.set_pin(
-                Pin(
-                    name=name,
-                    key=last,
-                    root=root,
-                    n_tokens=len(tokens),
-                    created=now,
-                    expires=None if ttl is None else now + ttl,
-                    source=source,
-                    digest=digest,
+            # Stored and pinned under the eviction lock: an evictor (any process) would
+            # otherwise take the new, not yet pinned segments, or the stored ancestors they
+            # chain onto, before the pin names them, and the pin would dangle.
+            with self.store.lock("evict", timeout=EVICTION_LOCK_TIMEOUT_S):
+                last, new_keys, new_bytes = self._store_span(
+                    tokens,
+                    len(tokens),
+                    ns,
+                    label=name,
+                    boundaries=boundaries,
+                    before_write=quota_check,
                 )
-            )
+                if last is None:
+                    raise PrefixCacheError("nothing to pin: the prefix is empty")
+                if not new_keys:
+                    quota_check(list(self.catalog.sync(ns, tokens).index.chain(last)), 0)
+                self.store.set_pin(
+                    Pin(
+                        name=name,
+                        key=last,
+                        root=root,
+                        n_tokens=len(tokens),
+                        created=now,
+                        expires=None if ttl is None else now + ttl,
+                        source=source,
+                        digest=digest,
+                    )
+                )
             self._pin_reader.clear()
             self._after_store(protect=[last])
             return PinInfo(name, last, len(tokens), len(todo), len(new_keys), new_bytes)

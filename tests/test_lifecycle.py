@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SYSTEM
@@ -77,6 +79,49 @@ def test_kv_bytes_map_from_their_file_which_is_replaced_never_rewritten(tmp_path
         fresh.write_bytes(b"\0" * seg.nbytes)
         os.replace(fresh, path)
         assert view == original and checksum_matches(view, seg.checksum)
+
+
+def _store_racer(path: str, me: int, rounds: int, barrier: Any) -> None:
+    """One of two processes storing the same segments at once, each with bytes of its own."""
+    store = DiskStore(path)
+    data = bytes([me + 1]) * 1_000_000
+    for i in range(rounds):
+        barrier.wait()
+        key = segment_key(ROOT, [i, i + 1])
+        seg = Segment(key, ROOT, ROOT, 0, (i, i + 1), len(data), checksum(data), "f" * 32)
+        store.put(seg, data)
+
+
+def test_two_processes_storing_one_segment_leave_bytes_that_match_its_checksum(tmp_path: Path):
+    """The metadata published is the bytes' own: a racer's write never lands under it.
+
+    Both writers may pass put()'s first check before either publishes (the fuzz found this:
+    two chats of one conversation autosaving at once, one of them with a one-token batch, so
+    bytes that differ). Their bytes used to replace each other's after the first published its
+    checksum: 200 of 300 segments mismatched, and their next restore quarantined them.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    rounds = 150
+    racers = [
+        ctx.Process(target=_store_racer, args=(str(tmp_path), me, rounds, barrier))
+        for me in range(2)
+    ]
+    for proc in racers:
+        proc.start()
+    for proc in racers:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    store = DiskStore(tmp_path)
+    bad = []
+    for i in range(rounds):
+        seg = store.get(segment_key(ROOT, [i, i + 1]))
+        assert seg is not None
+        with store.map_kv(seg) as view:
+            if view is None or not checksum_matches(view, seg.checksum):
+                bad.append(i)
+    assert bad == []
+    assert store.total_bytes() == rounds * 1_000_000
 
 
 @pytest.mark.parametrize("size", [299_999, 300_001, 0])
@@ -188,6 +233,32 @@ def test_autosave_under_a_quota_evicts_but_keeps_the_pin(open_cache, cold_reply)
     assert reply["choices"][0]["message"]["content"] == cold_reply(
         [SYSTEM, {"role": "user", "content": "Hi"}], max_tokens=16
     )
+
+
+def test_a_pin_is_named_before_an_evictor_can_take_its_segments(open_cache, store, monkeypatch):
+    """Another process evicting everything unpinned, between the pin's writes and its naming,
+    left a dangling pin (test_multiprocess saw two processes prefill the shared prefix)."""
+    cache = open_cache()
+    evictor = DiskStore(store)  # another handle on the store, as another process has
+    evictions: list[threading.Thread] = []
+    put = cache.store.put
+
+    def put_then_evict(seg: Segment, kv: Any) -> bool:
+        stored = put(seg, kv)
+        thread = threading.Thread(target=enforce_quota, args=(evictor, 0, time.time()))
+        thread.start()
+        thread.join(timeout=0.5)  # a free evictor is done by then; one that waits, waits on
+        evictions.append(thread)
+        return stored
+
+    monkeypatch.setattr(cache.store, "put", put_then_evict)
+    info = cache.pin([SYSTEM], name="shared")
+    for thread in evictions:
+        thread.join()
+    assert evictions and info.evaluated_tokens > 100
+    assert info.key in evictor.keys()
+    again = open_cache().pin([SYSTEM], name="shared")
+    assert again.evaluated_tokens == 0 and again.key == info.key
 
 
 def test_quarantine_takes_descendants_along(open_cache, store):

@@ -217,10 +217,17 @@ class DiskStore:
             )
         # Bytes first, then the metadata that makes them visible, in one transaction with the
         # size counter. A crash before the commit leaves only an orphan that gc() removes.
-        self._cache.set(_KV + seg.key, _BufferReader(view), read=True)
+        # Bytes are added, never replaced: two processes storing one segment at once (their
+        # bytes may differ: a one-token batch) must not leave one's checksum over the other's
+        # bytes, nor pull a published file from under a reader. Whoever commits the metadata
+        # first publishes the bytes under the key, its own: a writer that found another's
+        # unpublished bytes there (or none left) writes its own inside the transaction.
+        added = self._cache.add(_KV + seg.key, _BufferReader(view), read=True)
         with self._cache.transact():
             if _SEG + seg.key in self._cache:
                 return False
+            if not added or _KV + seg.key not in self._cache:
+                self._cache.set(_KV + seg.key, _BufferReader(view), read=True)
             text = seg.to_json()
             self._cache.set(_SEG + seg.key, text)
             self._cache.incr(_BYTES, seg.nbytes)
