@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from .errors import CorruptSegmentError, IncompatibleStateError
 from .fingerprint import Fingerprint
 from .radix import RadixIndex
-from .segment import HEAD_TOKENS, Pin, Segment, head_key, root_key
+from .segment import HEAD_TOKENS, Pin, Segment, checksum_matches, head_key, root_key
 from .store import Store
 from .store.base import ChangeLog, IndexDelta
 
@@ -338,9 +338,17 @@ class Catalog:
 
         Returns how many segments were removed (0 when it had already been evicted).
         """
-        if self.store.get(seg.key) is None:
+        current = self.store.get(seg.key)
+        if current is None:
             log.info("segment %s was evicted while restoring; prefilling instead", seg.key[:16])
             self.forget(known, seg.key)
+            return 0
+        if self._intact(current):
+            # Another process deleted and stored it again (or an older version replaced its
+            # bytes) between our read and now: what is stored is sound, only the read was not.
+            log.info("segment %s changed while restoring; prefilling instead", seg.key[:16])
+            if seg.key in known.segments:
+                known.segments[seg.key] = current  # its checksum may be the new bytes' own
             return 0
         doomed = self.forget(known, seg.key)
         log.warning(
@@ -355,6 +363,15 @@ class Catalog:
         for key in doomed:
             self.store.delete(key)
         return len(doomed)
+
+    def _intact(self, seg: Segment) -> bool:
+        """Whether the segment's stored bytes, read afresh, match its checksum."""
+        buf = bytearray(seg.nbytes)
+        try:
+            self.store.read_kv(seg, memoryview(buf))
+        except CorruptSegmentError:
+            return False
+        return checksum_matches(buf, seg.checksum)
 
     def refuse(self, known: Known, seg: Segment, reason: str) -> None:
         """Stop restoring an intact segment in this process; it stays in the store for others."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import llama_cpp
 from llama_cpp import _internals
+from llama_cpp import _logger as _llama_logger
 
 from .errors import (
     CorruptSegmentError,
@@ -475,12 +476,13 @@ def _forward_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     llama-cpp-python's own logger, and to the capture of the thread logging, if any. (A
     callback made per capture and unset after it could be freed while another thread's
     llama.cpp call was still about to invoke it: a segfault, seen with concurrent loads.)"""
-    from llama_cpp import _logger
-
-    lines = _captures.get(threading.get_ident())
-    if lines is not None:
-        lines.append(text.decode("utf-8", "replace"))
-    _logger.llama_log_callback(level, text, user_data)
+    try:
+        lines = _captures.get(threading.get_ident())
+        if lines is not None:
+            lines.append(text.decode("utf-8", "replace"))
+        _llama_logger.llama_log_callback(level, text, user_data)
+    except Exception:  # a line logged while the interpreter shuts down: nowhere to put it
+        pass
 
 
 @contextlib.contextmanager

@@ -256,7 +256,7 @@ def test_a_pin_is_named_before_an_evictor_can_take_its_segments(open_cache, stor
     for thread in evictions:
         thread.join()
     assert evictions and info.evaluated_tokens > 100
-    assert info.key in evictor.keys()
+    assert evictor.get(info.key) is not None
     again = open_cache().pin([SYSTEM], name="shared")
     assert again.evaluated_tokens == 0 and again.key == info.key
 
@@ -283,6 +283,40 @@ def test_quarantine_takes_descendants_along(open_cache, store):
     # this call's prefill (a segment ends where the last message begins): same key, new bytes.
     assert fresh.store.get(info.key).label == "autosave"
     assert len(fresh.store.keys()) == 2
+
+
+def test_a_segment_stored_again_during_its_read_is_not_quarantined(
+    open_cache, store, monkeypatch, cold_reply
+):
+    """A read that fails because another process deleted and stored the segment again (its
+    file went away between the row and the open) quarantined a sound segment."""
+    info = open_cache().pin([SYSTEM], name="hw")
+    other = DiskStore(store)  # another process's handle
+    cache = open_cache()
+    map_kv = cache.store.map_kv
+    raced: list[str] = []
+
+    def map_while_another_stores_it_again(seg: Segment) -> Any:
+        if not raced:
+            raced.append(seg.key)
+            kept = other.get(seg.key)
+            assert kept is not None
+            data = bytearray(kept.nbytes)
+            other.read_kv(kept, memoryview(data))
+            other.delete(seg.key)
+            other.put(kept, data)
+            raise CorruptSegmentError(seg.key, "its KV bytes are missing")
+        return map_kv(seg)
+
+    monkeypatch.setattr(cache.store, "map_kv", map_while_another_stores_it_again)
+    turn = [SYSTEM, {"role": "user", "content": "Hi"}]
+    first = cache.chat(turn, max_tokens=8, temperature=0, prefill_replies=False)
+    assert raced == [info.key]
+    assert first["choices"][0]["message"]["content"] == cold_reply(turn, max_tokens=8)
+    assert cache.stats()["corrupt_segments"] == 0
+    assert other.get_doc("quarantine") is None and other.get(info.key) is not None
+    again = cache.chat(turn, max_tokens=8, temperature=0, prefill_replies=False)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= info.n_tokens
 
 
 def test_threads_share_one_cache_safely(open_cache, cold_reply):
