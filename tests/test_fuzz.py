@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from workers.fuzz_worker import N_BATCH, N_CTX, N_THREADS
 
+from prefixcache.errors import TemplateError
 from prefixcache.template import ChatTemplate
 
 WORKER = Path(__file__).parent / "workers" / "fuzz_worker.py"
@@ -316,6 +317,14 @@ class Cold:
             out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0)
             self._memo[key] = (out["choices"][0]["text"], out["usage"]["prompt_tokens"])
         return self._memo[key]
+
+    def pin_too_long(self, messages: list[dict[str, str]]) -> bool:
+        """Whether pinning ``messages`` is refused with PromptTooLongError (as a prompt is: its
+        prefix and one token to generate must fit the context)."""
+        try:
+            return len(self.template.prefix_tokens(messages)) + 1 > self.n_ctx
+        except TemplateError:  # no stable prefix: the pin fails as the cache's template does
+            return False
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text create_chat_completion evaluates for ``messages``."""
@@ -612,9 +621,13 @@ class Run:
             # prepare + create_chat_completion is llama-cpp-python's call: max_tokens shortened.
             strict = kind == "chat"
             expected = self.cold.chat(cmd["messages"], cmd["max_tokens"], strict=strict)
+        pin_too_long = kind == "pin" and self.cold.pin_too_long(cmd["messages"])
         if not answer["ok"]:
             if answer["error"] in ALLOWED_ERRORS.get(kind, ()):
                 self.totals.counts["refused"] += 1
+                return
+            if pin_too_long and answer["error"] == "PromptTooLongError":
+                self.totals.counts["too_long"] += 1
                 return
             too_long = ("PromptTooLongError", "ValueError" if kind == "prepare" else "")
             if expected is not None and expected[0] is None and answer["error"] in too_long:
@@ -622,6 +635,8 @@ class Run:
                 return
             self._fail("crashes", index, op, f"{answer['error']}: {answer['traceback']}")
         if kind == "pin":
+            if pin_too_long:
+                self._fail("crashes", index, op, "pinned a prefix the context cannot hold")
             self._check_pin(index, op, answer)
         if expected is None:
             return
@@ -882,5 +897,24 @@ def test_regression_pin_of_an_autosaved_chain_is_held_to_the_quota(
             ("extend", 2, 19, 27),
         ],
         "ops": [_chat(0, conv=3), {"proc": 0, "op": "pin", "conv": 3, "messages": 7, "name": "a"}],
+    }
+    runner(program)
+
+
+def test_regression_a_pin_longer_than_the_context_is_refused(
+    runner: Callable[[dict[str, Any]], None],
+):
+    """Found by the fuzz: pinning a 275-token prefix in a 256-token context is refused with
+    PromptTooLongError, as a prompt is; the fuzz took the refusal for a crash."""
+    program = {
+        "quota_mb": None,
+        "segment_tokens": 64,
+        "n_ctx": 256,
+        "convs": [("new", 1, 0), ("extend", 0, 0, 23), ("reply", 1, 0), ("reply", 2, 0)],
+        "ops": [
+            {"proc": 0, "op": "pin", "conv": 3, "messages": 8, "name": "a"},
+            {"proc": 1, "op": "pin", "conv": 1, "messages": 8, "name": "b"},
+            _chat(0, conv=1),
+        ],
     }
     runner(program)
