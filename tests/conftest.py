@@ -129,6 +129,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "env PREFIXCACHE_FUZZ_RUNS)",
     )
     group.addoption(
+        "--fuzz-seed",
+        default=None,
+        help="seed of the programs the differential fuzz draws: a number (default 0, so that "
+        "a run is repeatable), or 'random' to explore new ones (env PREFIXCACHE_FUZZ_SEED)",
+    )
+    group.addoption(
         "--fuzz-store",
         choices=("disk", "redis"),
         default=None,

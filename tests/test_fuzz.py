@@ -11,6 +11,8 @@ quarantined segment or a different answer fails the example, and hypothesis shri
 to a minimal one, printed both as a listing and as a literal to paste into a regression test.
 
 Knobs: ``--fuzz-runs N`` (or ``PREFIXCACHE_FUZZ_RUNS``) examples instead of the CI default;
+``--fuzz-seed random`` (or ``PREFIXCACHE_FUZZ_SEED``) draws new programs (the default seed 0
+draws the same ones at every run, so that the suite's verdict is repeatable: exploring is a soak);
 ``--fuzz-store redis`` (or ``PREFIXCACHE_FUZZ_STORE=redis``) runs the workers on a tiered store
 over a real redis-server that the program may kill and restart mid-run.
 """
@@ -34,7 +36,7 @@ from typing import Any
 
 import llama_cpp
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 from workers.fuzz_worker import N_BATCH, N_CTX, N_THREADS
 
@@ -741,6 +743,17 @@ def fuzz_runs(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture(scope="module")
+def fuzz_seed(request: pytest.FixtureRequest) -> int | None:
+    """The programs' seed: fixed unless asked for 'random' (CI's run is then repeatable)."""
+    text = str(_option(request.config, "--fuzz-seed", "PREFIXCACHE_FUZZ_SEED") or "0")
+    if text == "random":
+        return None
+    if not text.isdigit():
+        raise pytest.UsageError(f"--fuzz-seed must be a number or 'random', not {text!r}")
+    return int(text)
+
+
+@pytest.fixture(scope="module")
 def fuzz_store(request: pytest.FixtureRequest) -> str:
     kind = str(_option(request.config, "--fuzz-store", "PREFIXCACHE_FUZZ_STORE") or "disk")
     if kind not in ("disk", "redis"):
@@ -813,10 +826,14 @@ def runner(
 
 
 def test_differential_fuzz(
-    runner: Callable[[dict[str, Any]], None], fuzz_runs: int, fuzz_store: str
+    runner: Callable[[dict[str, Any]], None],
+    fuzz_runs: int,
+    fuzz_store: str,
+    fuzz_seed: int | None,
 ):
     """Random programs on two processes and one store answer exactly as cold runs do."""
 
+    @seed(fuzz_seed)
     @settings(
         max_examples=fuzz_runs,
         deadline=None,
