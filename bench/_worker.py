@@ -29,6 +29,7 @@ from _common import (
 from llama_cpp.llama_cache import LlamaDiskCache, LlamaRAMCache
 
 from prefixcache import PrefixCache
+from prefixcache.restore import segment_bytes
 from prefixcache.segment import checksum
 
 
@@ -126,7 +127,7 @@ def run_pc(method: str, system: list[dict[str, str]], questions: list[int], d: s
         acc = dict.fromkeys(parts, 0.0)
         for seg in chain:
             t = time.perf_counter()
-            with cache._segment_bytes(seg) as buf:  # the disk store maps the file: no copy
+            with segment_bytes(cache.store, cache.kv, seg) as buf:  # mapped: no copy
                 acc["read"] += time.perf_counter() - t
                 t = time.perf_counter()
                 assert checksum(buf) == seg.checksum

@@ -12,8 +12,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,9 +36,9 @@ from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
 from .lifecycle import EVICTION_LOCK_TIMEOUT_S, Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
+from .restore import ChainLoader, segment_bytes
 from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
-from .store.base import MapsKV
 from .stream import model_lock
 from .template import ChatTemplate, Message
 from .tools import ToolParser, get_parser, parser_for_template
@@ -57,6 +56,13 @@ _CALIBRATION_DOC = "calibration:"
 #: What a store can raise when it is down, full or unwritable (storing and bookkeeping are
 #: optimisations: these never fail a call whose answer is ready).
 _STORE_FAILURES = (StoreError, OSError)
+#: What a segment that cannot be loaded raises: it is then prefilled instead.
+_LOAD_FAILURES = (
+    CorruptSegmentError,
+    SegmentRefusedError,
+    UnauthenticatedSegmentError,
+    *_STORE_FAILURES,
+)
 
 
 @dataclass
@@ -178,6 +184,7 @@ class PrefixCache:
         #: is made, so that the store's bookkeeping writes are not on the way to its first token.
         self._hits: list[str] = []
         self.integrity = Integrity.from_config(store_key)
+        self._loader = ChainLoader(self.store, self.kv, self._check, _LOAD_FAILURES)
         # The memo of model-file digests decides the fingerprint: with a store key it is sealed
         # (and kept per key), so a writer without the key cannot pass one model off as another.
         key_id = self.integrity.key_id
@@ -336,9 +343,7 @@ class PrefixCache:
         todo = [s for s in chain if s.end > live]
         self.kv.truncate(todo[0].start)
         restored_bytes = 0
-        for seg in todo:
-            if not self._load(known, seg):
-                break
+        for seg in self._loader.load(todo, lambda seg, exc: self._load_failed(known, seg, exc)):
             restored_bytes += seg.nbytes
             self._stats.segments_restored += 1
             self._hits.append(seg.key)
@@ -354,44 +359,39 @@ class PrefixCache:
         return cached, restored, seconds, diverged
 
     def _load(self, known: Known, seg: Segment) -> bool:
-        """Load one segment onto the live KV; False (the KV left as it was) when it cannot be.
-
-        Only bytes that fail their checksum are quarantined; a segment that is intact but that
-        llama.cpp refuses here stays in the store for the processes that can use it.
-        """
+        """Load one segment onto the live KV; False (the KV left as it was) when it cannot be
+        (see :meth:`_load_failed`)."""
         try:
-            with self._segment_bytes(seg) as buf:
-                if not checksum_matches(buf, seg.checksum):
-                    raise CorruptSegmentError(seg.key, "checksum mismatch")
-                self.integrity.verify(seg, buf)
+            with segment_bytes(self.store, self.kv, seg) as buf:
+                self._check(seg, buf)
                 self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
             return True
-        except CorruptSegmentError as exc:
+        except _LOAD_FAILURES as exc:
+            self._load_failed(known, seg, exc)
+        return False
+
+    def _check(self, seg: Segment, buf: memoryview) -> None:
+        """Refuse bytes that are not the segment's own (checksum) or not ours (MAC)."""
+        if not checksum_matches(buf, seg.checksum):
+            raise CorruptSegmentError(seg.key, "checksum mismatch")
+        self.integrity.verify(seg, buf)
+
+    def _load_failed(self, known: Known, seg: Segment, exc: Exception) -> None:
+        """Deal with a segment that could not be loaded: quarantine only damaged bytes; a
+        segment that is intact but that llama.cpp refuses here stays in the store for the
+        processes that can use it."""
+        if isinstance(exc, CorruptSegmentError):
             try:
                 if self.catalog.quarantine(known, seg, exc.reason):
                     self._stats.corrupt_segments += 1
             except _STORE_FAILURES as exc2:
                 self._store_failed("quarantining a corrupt segment", exc2)
                 self.catalog.refuse(known, seg, exc.reason)
-        except (SegmentRefusedError, UnauthenticatedSegmentError) as exc:
+        elif isinstance(exc, (SegmentRefusedError, UnauthenticatedSegmentError)):
             self.catalog.refuse(known, seg, exc.reason)
             self._stats.refused_segments += 1
-        except _STORE_FAILURES as exc:
+        else:
             self._store_failed("reading a segment", exc)
-        return False
-
-    @contextmanager
-    def _segment_bytes(self, seg: Segment) -> Iterator[memoryview]:
-        """A segment's KV bytes for the block: mapped from the store where it can (no copy:
-        llama.cpp loads them from the page cache), else read into the reusable buffer."""
-        if isinstance(self.store, MapsKV):
-            with self.store.map_kv(seg) as view:
-                if view is not None:
-                    yield view
-                    return
-        buf = self.kv.buffer(seg.nbytes)
-        self.store.read_kv(seg, buf)
-        yield buf
 
     def _record_hits(self) -> None:
         """Record the hits of the segments restored since the last time (LRU bookkeeping)."""
@@ -877,6 +877,7 @@ class PrefixCache:
                 self._save_calibration()
             except Exception as exc:  # closing must not fail on bookkeeping
                 self._store_failed("saving the calibration", exc)
+            self._loader.close()
             self.store.close()
             if self._owns_llm:
                 self.llm.close()

@@ -250,6 +250,29 @@ def test_an_intact_segment_that_llama_cpp_refuses_is_kept_and_prefilled(
     db.close()
 
 
+def test_a_chain_restores_up_to_the_segment_llama_cpp_refuses(open_cache, store, cold_reply):
+    """Segments load in order while the next one is checked (restore.ChainLoader): a refusal
+    by llama.cpp in the middle of a chain keeps what came before it and loads nothing after."""
+    writer = open_cache()
+    writer.segment_tokens = 64
+    writer.pin([SYSTEM], name="hw")
+    db = open_store(store)
+    first, second, third = sorted(db.segments(), key=lambda s: s.start)[:3]
+    buf = bytearray(third.nbytes)
+    db.read_kv(third, memoryview(buf))
+    db.delete(second.key)
+    db.put(dataclasses.replace(second, nbytes=len(buf), checksum=checksum(buf)), buf)
+    cache = open_cache()
+    messages = ask("What is a hammer for?")
+    reply = cache.chat(messages, max_tokens=16, temperature=0, autosave=False)
+    assert text(reply) == cold_reply(messages, max_tokens=16)
+    assert cached(reply) == first.end
+    stats = cache.stats()
+    assert stats["segments_restored"] == 1 and stats["refused_segments"] == 1
+    assert stats["corrupt_segments"] == 0
+    db.close()
+
+
 # --- closing -------------------------------------------------------------------------------------
 
 
