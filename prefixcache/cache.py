@@ -36,7 +36,7 @@ from .integrity import Integrity
 from .kvstate import LlamaKV, Progress
 from .lifecycle import EVICTION_LOCK_TIMEOUT_S, Eviction, check_pin_quota, enforce_quota
 from .radix import Match, as_tokens, common_prefix_length
-from .restore import ChainLoader, segment_bytes
+from .restore import ChainLoader
 from .segment import Pin, Segment, checksum, checksum_matches, segment_key
 from .store import Store, open_store
 from .stream import model_lock
@@ -361,14 +361,7 @@ class PrefixCache:
     def _load(self, known: Known, seg: Segment) -> bool:
         """Load one segment onto the live KV; False (the KV left as it was) when it cannot be
         (see :meth:`_load_failed`)."""
-        try:
-            with segment_bytes(self.store, self.kv, seg) as buf:
-                self._check(seg, buf)
-                self.kv.restore(buf, seg.nbytes, seg.start, seg.tokens)
-            return True
-        except _LOAD_FAILURES as exc:
-            self._load_failed(known, seg, exc)
-        return False
+        return bool(self._loader.load([seg], lambda seg, exc: self._load_failed(known, seg, exc)))
 
     def _check(self, seg: Segment, buf: memoryview) -> None:
         """Refuse bytes that are not the segment's own (checksum) or not ours (MAC)."""
