@@ -68,6 +68,11 @@ class Plan:
     #: ±0.1 from one process to the next: 3 gave a median that a longer run did not confirm).
     pc_reps: int
 
+    @property
+    def pc_processes(self) -> int:
+        """prefixcache's TTFT processes per size (at least one per question)."""
+        return max(self.pc_reps, self.reps)
+
 
 FULL = Plan((1024, 4096, 7800), 3, 20, (10, 100, 1000, 10000), (10, 100, 1000, 10000), 4, 12, 7)
 QUICK = Plan((1024, 4096), 1, 5, (10, 100, 1000, 10000), (10, 100, 1000), 2, 4, 1)
@@ -189,7 +194,7 @@ def scenario_ttft(plan: Plan, tmp: Path, tok: llama_cpp.Llama) -> dict[str, Any]
         # assumes (on one shared store a later process would also find an earlier one's
         # autosaved question header, a few tokens past the pin).
         r["pc"] = []
-        for i in range(max(plan.pc_reps, len(qs))):
+        for i in range(plan.pc_processes):
             copy = tmp / f"pc-{n}-{i}"
             shutil.copytree(pc_dir, copy)
             r["pc"].append(worker("pc", prompt, [qs[i % len(qs)]], copy, retries=0))
@@ -1177,7 +1182,7 @@ def report(res: dict[str, Any], plan: Plan, elapsed: float, quick: bool) -> tupl
     head = ["# prefixcache benchmark results\n"]
     mode = "quick (`--quick`)" if quick else "full"
     head.append(
-        f"Mode: {mode}; {plan.reps} repetition(s) per TTFT cell ({max(plan.pc_reps, plan.reps)} "
+        f"Mode: {mode}; {plan.reps} repetition(s) per TTFT cell ({plan.pc_processes} "
         "for prefixcache, each on a fresh copy of the pinned store); total wall time "
         f"{elapsed / 60:.1f} min. Command: `.venv/bin/python bench/run.py"
         + (" --quick`" if quick else "`")

@@ -628,11 +628,9 @@ class Run:
             if answer["error"] in ALLOWED_ERRORS.get(kind, ()):
                 self.totals.counts["refused"] += 1
                 return
-            if pin_too_long and answer["error"] == "PromptTooLongError":
-                self.totals.counts["too_long"] += 1
-                return
             too_long = ("PromptTooLongError", "ValueError" if kind == "prepare" else "")
-            if expected is not None and expected[0] is None and answer["error"] in too_long:
+            refusable = pin_too_long or (expected is not None and expected[0] is None)
+            if refusable and answer["error"] in too_long:
                 self.totals.counts["too_long"] += 1
                 return
             self._fail("crashes", index, op, f"{answer['error']}: {answer['traceback']}")

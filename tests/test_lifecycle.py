@@ -21,9 +21,17 @@ from prefixcache.segment import checksum, checksum_matches, root_key, segment_ke
 ROOT = root_key("f" * 32)
 
 
-def put(store: DiskStore, parent: str, start: int, tokens: list[int], size: int = 1000) -> str:
-    """Store a segment with stand-in KV bytes (the store is bytes in, bytes out)."""
-    data = os.urandom(size)
+def put(
+    store: DiskStore,
+    parent: str,
+    start: int,
+    tokens: list[int],
+    size: int = 1000,
+    data: bytes | None = None,
+) -> str:
+    """Store a segment with stand-in KV bytes (random ones unless ``data`` is given: the store
+    is bytes in, bytes out)."""
+    data = os.urandom(size) if data is None else data
     key = segment_key(parent, tokens)
     seg = Segment(
         key=key,
@@ -31,7 +39,7 @@ def put(store: DiskStore, parent: str, start: int, tokens: list[int], size: int 
         root=ROOT,
         start=start,
         tokens=tuple(tokens),
-        nbytes=size,
+        nbytes=len(data),
         checksum=checksum(data),
         fingerprint="f" * 32,
         created=time.time(),
@@ -87,9 +95,7 @@ def _store_racer(path: str, me: int, rounds: int, barrier: Any) -> None:
     data = bytes([me + 1]) * 1_000_000
     for i in range(rounds):
         barrier.wait()
-        key = segment_key(ROOT, [i, i + 1])
-        seg = Segment(key, ROOT, ROOT, 0, (i, i + 1), len(data), checksum(data), "f" * 32)
-        store.put(seg, data)
+        put(store, ROOT, 0, [i, i + 1], data=data)
 
 
 def test_two_processes_storing_one_segment_leave_bytes_that_match_its_checksum(tmp_path: Path):
